@@ -1,0 +1,63 @@
+"""Argument checks shared by the optimizers: each raises ValueError naming the argument and value."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+BACKENDS = ("auto", "torch", "triton")
+NONFINITE_MODES = ("skip", "raise", "apply")
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN, got {value!r}")
+    return float(value)
+
+
+def non_negative(name: str, value: Any) -> float:
+    v = _real(name, value)
+    if v < 0.0 or math.isinf(v):
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and >= 0)")
+    return v
+
+
+def positive(name: str, value: Any) -> float:
+    v = _real(name, value)
+    if v <= 0.0 or math.isinf(v):
+        raise ValueError(f"Invalid {name}: {value!r} (must be finite and > 0)")
+    return v
+
+
+def in_unit_interval(name: str, value: Any, *, closed: bool = False) -> float:
+    """0 <= value < 1, or 0 <= value <= 1 with closed=True."""
+    v = _real(name, value)
+    ok = 0.0 <= v <= 1.0 if closed else 0.0 <= v < 1.0
+    if not ok:
+        bound = "[0, 1]" if closed else "[0, 1)"
+        raise ValueError(f"Invalid {name}: {value!r} (must be in {bound})")
+    return v
+
+
+def betas(value: Any) -> tuple[float, float]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"Invalid betas: {value!r} (must be a pair (beta1, beta2))")
+    return in_unit_interval("betas[0]", value[0]), in_unit_interval("betas[1]", value[1])
+
+
+def positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Invalid {name}: {value!r} (must be an integer >= 1)")
+    return value
+
+
+def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
+    return value
+
+
+def max_grad_norm(value: Any) -> float | None:
+    return None if value is None else positive("max_grad_norm", value)

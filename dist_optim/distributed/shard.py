@@ -1,0 +1,34 @@
+"""The tensor a rank owns: a DTensor's local shard, or the tensor itself (ZeRO partitions, plain params)."""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # torch built without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def is_dtensor(t: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The rank-local storage the update kernels read and write in place."""
+    return t.to_local() if is_dtensor(t) else t
+
+
+def new_state_like(param: torch.Tensor, *, fill: float = 0.0, copy: bool = False) -> torch.Tensor:
+    """An fp32 state tensor laid out like ``param`` (a DTensor with the same placements for a DTensor
+    param, so DCP saves and reshards it with its param); zero/``fill``, or a copy of the param's values."""
+    local = local_tensor(param).detach()
+    if copy:
+        state = local.to(dtype=torch.float32, copy=True)
+    else:
+        state = torch.full_like(local, fill, dtype=torch.float32, memory_format=torch.contiguous_format)
+    if is_dtensor(param):
+        return DTensor.from_local(
+            state, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()
+        )
+    return state

@@ -1,0 +1,56 @@
+"""Adagrad (torch.optim.Adagrad's algorithm), for one step count t shared by the tensors given.
+
+    g = grad * grad_scale + weight_decay * p
+    clr = lr / (1 + (t - 1) * lr_decay)
+    sum = sum + g * g
+    p = p - clr * g / (sqrt(sum) + eps)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+
+STATE_KEYS = ("step", "sum")
+
+
+def adagrad_clr(lr: float, lr_decay: float, step: int) -> float:
+    return lr / (1.0 + (step - 1) * lr_decay)
+
+
+def adagrad_step(
+    params: Tensors,
+    grads: Tensors,
+    states: Mapping[str, Tensors],
+    *,
+    lr: float,
+    lr_decay: float,
+    weight_decay: float,
+    eps: float,
+    step: int,
+    grad_scale: float = 1.0,
+    backend: str = "torch",
+) -> None:
+    """One Adagrad step in place; ``step`` is the (already incremented) step count t >= 1."""
+    clr = adagrad_clr(lr, lr_decay, step)
+    if resolve_backend(backend, params) == "triton":
+        import triton_kernels
+
+        triton_kernels.adagrad_step(
+            params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale
+        )
+        return
+    p32 = fp32_views(params)
+    g = scaled_grads(grads, grad_scale)
+    if weight_decay != 0.0:
+        g = list(torch._foreach_add(g, p32, alpha=weight_decay))
+    sums = list(states["sum"])
+    torch._foreach_addcmul_(sums, g, g, value=1.0)
+    std = torch._foreach_sqrt(sums)
+    torch._foreach_add_(std, eps)
+    numerator = torch._foreach_mul(g, -clr)
+    torch._foreach_addcdiv_(p32, numerator, std)
+    write_back(params, p32)

@@ -1,0 +1,72 @@
+"""Adam (coupled L2 weight decay) and AdamW (decoupled), torch.optim's algorithms, for one step count t.
+
+    AdamW: p = p * (1 - lr * weight_decay)        Adam: g = grad * grad_scale + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g                (a lerp towards g)
+    v = beta2 * v + (1 - beta2) * g * g
+    amsgrad: v_max = max(v_max, v), used in place of v below
+    p = p - lr / (1 - beta1^t) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+
+
+def adam_state_keys(amsgrad: bool) -> tuple[str, ...]:
+    return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+
+
+def adam_step(
+    params: Tensors,
+    grads: Tensors,
+    states: Mapping[str, Tensors],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    amsgrad: bool,
+    step: int,
+    grad_scale: float = 1.0,
+    backend: str = "torch",
+) -> None:
+    """One Adam/AdamW step in place; ``step`` is the (already incremented) step count t >= 1."""
+    step_size = lr / (1.0 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    if resolve_backend(backend, params) == "triton":
+        import triton_kernels
+
+        triton_kernels.adam_step(
+            params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled=decoupled, amsgrad=amsgrad, step_size=step_size,
+            bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale,
+        )
+        return
+    p32 = fp32_views(params)
+    g = scaled_grads(grads, grad_scale)
+    if weight_decay != 0.0:
+        if decoupled:
+            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+        else:
+            g = list(torch._foreach_add(g, p32, alpha=weight_decay))
+    exp_avgs, exp_avg_sqs = list(states["exp_avg"]), list(states["exp_avg_sq"])
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    if amsgrad:
+        max_sqs = list(states["max_exp_avg_sq"])
+        torch._foreach_maximum_(max_sqs, exp_avg_sqs)
+        denom = torch._foreach_sqrt(max_sqs)
+    else:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2_sqrt)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(p32, exp_avgs, denom, value=-step_size)
+    write_back(params, p32)

@@ -1,0 +1,34 @@
+"""Lookahead's slow-weight update (Zhang et al. 2019), taken every k optimizer steps:
+
+    slow = slow + alpha * (fast - slow);   fast = slow
+
+alpha is the paper's step size towards the fast weights: a text writing slow = a*slow + (1-a)*fast
+means a = 1 - alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import Tensors, fp32_views, resolve_backend, write_back
+
+STATE_KEYS = ("slow_buffer", "lookahead_step")
+
+
+def lookahead_sync(params: Tensors, slow_buffers: Tensors, *, alpha: float, backend: str = "torch") -> None:
+    """Pull the fp32 slow weights towards the params and reset the params to them, in place."""
+    if resolve_backend(backend, params) == "triton":
+        import triton_kernels
+
+        triton_kernels.lookahead_sync(params, slow_buffers, alpha=alpha)
+        return
+    p32 = fp32_views(params)
+    pull_and_reset(p32, list(slow_buffers), alpha)
+    write_back(params, p32)
+
+
+def pull_and_reset(fast32: list[torch.Tensor], slows: list[torch.Tensor], alpha: float) -> None:
+    """The torch path of the sync on fp32 fast weights (shared with Ranger's fused step)."""
+    diff = torch._foreach_sub(fast32, slows)
+    torch._foreach_add_(slows, diff, alpha=alpha)
+    torch._foreach_copy_(fast32, slows)

@@ -1,0 +1,98 @@
+"""RAdam (Liu et al. 2020) as torch.optim.RAdam computes it, with a settable rectification threshold,
+and Ranger's fused step (RAdam followed, on Lookahead sync steps, by the slow-weight update).
+
+    decoupled: p = p * (1 - lr * weight_decay)     else: g = grad * grad_scale + weight_decay * p
+    m = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g * g
+    rho_inf = 2 / (1 - beta2) - 1;     rho_t = rho_inf - 2 t beta2^t / (1 - beta2^t)
+    rho_t > rho_threshold:  r = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+                            p = p - lr * r * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
+    otherwise:              p = p - lr / (1 - beta1^t) * m      (SGD with bias-corrected momentum)
+    Ranger, on a sync step: slow = slow + alpha * (p - slow);  p = slow
+
+eps is added to sqrt(v), not to the bias-corrected sqrt(v / (1 - beta2^t)): that is torch.optim.RAdam's
+and the authors' choice, and it differs from Adam's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from .lookahead import pull_and_reset
+
+STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def radam_rho(beta2: float, step: int) -> float:
+    """rho_t, the length of the approximated simple moving average at step t."""
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    beta2_t = beta2**step
+    return rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
+
+
+def radam_step_size(lr: float, beta1: float, beta2: float, step: int, rho_threshold: float) -> tuple[bool, float]:
+    """(rectified, step size): the adaptive step's size lr*r*sqrt(1-beta2^t)/(1-beta1^t) when
+    rho_t > rho_threshold, else the momentum step's lr/(1-beta1^t)."""
+    bias_correction1 = 1.0 - beta1**step
+    rho_t = radam_rho(beta2, step)
+    if rho_t > rho_threshold:
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rect = math.sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t))
+        return True, lr * rect * math.sqrt(1.0 - beta2**step) / bias_correction1
+    return False, lr / bias_correction1
+
+
+def radam_step(
+    params: Tensors,
+    grads: Tensors,
+    states: Mapping[str, Tensors],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    decoupled: bool,
+    rho_threshold: float,
+    step: int,
+    lookahead_alpha: float | None = None,
+    grad_scale: float = 1.0,
+    backend: str = "torch",
+) -> None:
+    """One RAdam step in place. With ``lookahead_alpha`` (Ranger on a sync step) the slow weights in
+    ``states['slow_buffer']`` are pulled towards the new params and the params reset to them, in the
+    same pass; the fp32 result of the step feeds the slow update before any rounding to the param dtype."""
+    rectified, step_size = radam_step_size(lr, beta1, beta2, step, rho_threshold)
+    if resolve_backend(backend, params) == "triton":
+        import triton_kernels
+
+        triton_kernels.radam_step(
+            params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+            decoupled=decoupled, rectified=rectified, step_size=step_size, lookahead_alpha=lookahead_alpha,
+            grad_scale=grad_scale,
+        )
+        return
+    p32 = fp32_views(params)
+    g = scaled_grads(grads, grad_scale)
+    if weight_decay != 0.0:
+        if decoupled:
+            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+        else:
+            g = list(torch._foreach_add(g, p32, alpha=weight_decay))
+    exp_avgs, exp_avg_sqs = list(states["exp_avg"]), list(states["exp_avg_sq"])
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    if rectified:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(p32, exp_avgs, denom, value=-step_size)
+    else:
+        torch._foreach_add_(p32, exp_avgs, alpha=-step_size)
+    if lookahead_alpha is not None:
+        pull_and_reset(p32, list(states["slow_buffer"]), lookahead_alpha)
+    write_back(params, p32)
+

@@ -1,0 +1,75 @@
+"""RMSprop with optional momentum and centering (torch.optim.RMSprop's algorithm).
+
+    g = grad * grad_scale + weight_decay * p
+    v = alpha * v + (1 - alpha) * g * g
+    centered:  m_g = m_g + (1 - alpha) * (g - m_g);  avg = sqrt(v - m_g^2) + eps
+    else:      avg = sqrt(v) + eps
+    momentum:  buf = momentum * buf + g / avg;  p = p - lr * buf
+    else:      p = p - lr * g / avg
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+
+
+def rmsprop_state_keys(momentum: float, centered: bool) -> tuple[str, ...]:
+    keys = ("step", "square_avg")
+    if momentum > 0.0:
+        keys += ("momentum_buffer",)
+    if centered:
+        keys += ("grad_avg",)
+    return keys
+
+
+def rmsprop_step(
+    params: Tensors,
+    grads: Tensors,
+    states: Mapping[str, Tensors],
+    *,
+    lr: float,
+    alpha: float,
+    eps: float,
+    weight_decay: float,
+    momentum: float,
+    centered: bool,
+    grad_scale: float = 1.0,
+    backend: str = "torch",
+) -> None:
+    """One RMSprop step in place. ``states`` holds 'square_avg', plus 'momentum_buffer' when
+    momentum > 0 and 'grad_avg' when centered (all fp32)."""
+    if resolve_backend(backend, params) == "triton":
+        import triton_kernels
+
+        triton_kernels.rmsprop_step(
+            params, grads, states, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
+            momentum=momentum, centered=centered, grad_scale=grad_scale,
+        )
+        return
+    p32 = fp32_views(params)
+    g = scaled_grads(grads, grad_scale)
+    if weight_decay != 0.0:
+        g = list(torch._foreach_add(g, p32, alpha=weight_decay))
+    square_avgs = list(states["square_avg"])
+    torch._foreach_mul_(square_avgs, alpha)
+    torch._foreach_addcmul_(square_avgs, g, g, value=1.0 - alpha)
+    if centered:
+        grad_avgs = list(states["grad_avg"])
+        torch._foreach_lerp_(grad_avgs, g, 1.0 - alpha)
+        avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1.0)
+        torch._foreach_sqrt_(avg)
+    else:
+        avg = torch._foreach_sqrt(square_avgs)
+    torch._foreach_add_(avg, eps)
+    if momentum > 0.0:
+        bufs = list(states["momentum_buffer"])
+        torch._foreach_mul_(bufs, momentum)
+        torch._foreach_addcdiv_(bufs, g, avg)
+        torch._foreach_add_(p32, bufs, alpha=-lr)
+    else:
+        torch._foreach_addcdiv_(p32, g, avg, value=-lr)
+    write_back(params, p32)
