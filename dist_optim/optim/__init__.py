@@ -1,0 +1,15 @@
+"""torch.optim.Optimizer subclasses: argument checks, param groups, fp32 state, Lookahead/Ranger."""
+
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .base import FusedOptimizer, NonFiniteGradientError
+from .lookahead import Lookahead
+from .radam import RAdam
+from .ranger import Ranger
+from .rmsprop import RMSprop
+from .sgd import SGD
+
+__all__ = [
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger",
+    "FusedOptimizer", "NonFiniteGradientError",
+]

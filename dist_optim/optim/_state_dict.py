@@ -1,0 +1,108 @@
+"""Loading a state_dict into one of our optimizers: validate everything first, then swap it in.
+
+torch.optim.Optimizer.load_state_dict casts state to the param's dtype (bf16 state for bf16 params)
+and aliases the given tensors; we keep state fp32, copy it, and refuse a state_dict from another
+optimizer class or shape with a ValueError before anything changes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+# Per-param counters kept as 0-dim fp32 CPU tensors (torch.optim's convention for "step").
+COUNTER_KEYS = frozenset({"step", "lookahead_step"})
+
+KeyBlocks = Sequence[frozenset[str]]
+
+
+def check_keys(name: str, pid: Any, keys: set[str], blocks: KeyBlocks) -> None:
+    """A param's state must be a union of whole key blocks (e.g. the inner optimizer's keys and
+    Lookahead's): anything else comes from another optimizer or configuration."""
+    covered: set[str] = set()
+    for block in blocks:
+        present = keys & block
+        if present and present != block:
+            break
+        covered |= present
+    else:
+        if covered == keys:
+            return
+    expected = " or ".join(sorted(map(str, map(sorted, blocks))))
+    raise ValueError(
+        f"state_dict['state'][{pid!r}] has keys {sorted(keys)}, but {name} with these settings keeps "
+        f"{expected}: the state_dict comes from a different optimizer class or configuration"
+    )
+
+
+def _restore_value(pid: Any, key: str, value: Any, param: torch.Tensor) -> torch.Tensor:
+    if key in COUNTER_KEYS:
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"state_dict['state'][{pid!r}][{key!r}] must be a scalar, got shape {tuple(value.shape)}")
+            return value.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
+        return torch.tensor(float(value), dtype=torch.float32)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"state_dict['state'][{pid!r}][{key!r}] must be a tensor, got {type(value).__name__}")
+    if value.shape != param.shape:
+        raise ValueError(
+            f"state_dict['state'][{pid!r}][{key!r}] has shape {tuple(value.shape)}, "
+            f"but its param has shape {tuple(param.shape)}"
+        )
+    return value.detach().to(device=param.device, dtype=torch.float32, copy=True)
+
+
+def restore(
+    optimizer: Optimizer,
+    state_dict: Mapping[str, Any],
+    key_blocks: Callable[[dict[str, Any]], KeyBlocks],
+    check_group: Callable[[dict[str, Any]], None],
+) -> tuple[defaultdict, list[dict[str, Any]]]:
+    """The (state, param_groups) that ``state_dict`` describes for ``optimizer``'s params, fully
+    validated; raises ValueError and changes nothing when it does not fit."""
+    name = type(optimizer).__name__
+    saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+    if not isinstance(saved_groups, (list, tuple)) or not isinstance(saved_state, Mapping):
+        raise ValueError("state_dict must have a 'param_groups' list and a 'state' mapping")
+    groups = optimizer.param_groups
+    if len(saved_groups) != len(groups):
+        raise ValueError(f"state_dict has {len(saved_groups)} param groups, {name} has {len(groups)}")
+    new_groups: list[dict[str, Any]] = []
+    id_map: dict[Any, tuple[torch.Tensor, dict[str, Any]]] = {}
+    for i, (group, saved) in enumerate(zip(groups, saved_groups)):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"state_dict param group {i} has {len(saved['params'])} params, {name}'s has {len(group['params'])}"
+            )
+        new_group = {**saved, "params": group["params"]}
+        if "param_names" in group and "param_names" not in saved:
+            new_group["param_names"] = group["param_names"]
+        check_group(new_group)
+        new_groups.append(new_group)
+        for pid, p in zip(saved["params"], group["params"]):
+            id_map[pid] = (p, new_group)
+    new_state: defaultdict = defaultdict(dict)
+    for pid, pstate in saved_state.items():
+        if pid not in id_map:
+            raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which no param group lists")
+        param, group = id_map[pid]
+        check_keys(name, pid, set(pstate), key_blocks(group))
+        new_state[param] = {k: _restore_value(pid, k, v, param) for k, v in pstate.items()}
+    return new_state, new_groups
+
+
+def load_into(optimizer: Optimizer, state_dict: Mapping[str, Any], restore_fn: Callable) -> None:
+    """torch's load_state_dict protocol (pre hooks, swap, post hooks) around ``restore_fn``."""
+    state_dict = dict(state_dict)
+    for hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
+        result = hook(optimizer, state_dict)
+        if result is not None:
+            state_dict = result
+    new_state, new_groups = restore_fn(state_dict)
+    optimizer.__setstate__({"state": new_state, "param_groups": new_groups})
+    for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
+        hook(optimizer)

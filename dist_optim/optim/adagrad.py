@@ -1,0 +1,67 @@
+"""Adagrad: torch.optim.Adagrad's algorithm and defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _checks
+from ..distributed.shard import new_state_like
+from ..functional import adagrad_step
+from .base import FusedOptimizer, step_counter
+
+_KEYS = frozenset({"step", "sum"})
+
+
+class Adagrad(FusedOptimizer):
+    r"""Adagrad (Duchi et al. 2011).
+
+    .. math::
+        g_t = \nabla f(\theta_{t-1}) + \lambda \theta_{t-1}, \quad
+        \tilde\gamma = \gamma / (1 + (t - 1) \eta), \quad
+        s_t = s_{t-1} + g_t^2, \quad
+        \theta_t = \theta_{t-1} - \tilde\gamma g_t / (\sqrt{s_t} + \epsilon)
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        lr_decay: float = 0.0,
+        weight_decay: float = 0.0,
+        initial_accumulator_value: float = 0.0,
+        eps: float = 1e-10,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+            initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
+        )
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+        )
+
+    def _check_group(self, group):
+        _checks.non_negative("lr", group["lr"])
+        _checks.non_negative("lr_decay", group["lr_decay"])
+        _checks.non_negative("weight_decay", group["weight_decay"])
+        _checks.non_negative("initial_accumulator_value", group["initial_accumulator_value"])
+        _checks.non_negative("eps", group["eps"])
+
+    def _state_key_blocks(self, group):
+        return [_KEYS]
+
+    def _init_state(self, param, group):
+        return {"step": step_counter(), "sum": new_state_like(param, fill=group["initial_accumulator_value"])}
+
+    def _update_group(self, group, params, grads, grad_scale):
+        for ps, gs, states, t in self._step_buckets(group, params, grads, ("sum",)):
+            adagrad_step(
+                ps, gs, states, lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                eps=group["eps"], step=t, grad_scale=grad_scale, backend=self.backend,
+            )
+

@@ -1,0 +1,95 @@
+"""Adam (coupled L2 weight decay) and AdamW (decoupled): torch.optim's algorithms and defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _checks
+from ..distributed.shard import new_state_like
+from ..functional import adam_step
+from ..functional.adam import adam_state_keys
+from .base import FusedOptimizer, step_counter
+
+
+class Adam(FusedOptimizer):
+    r"""Adam (Kingma & Ba 2015); ``decoupled_weight_decay=True`` is AdamW (Loshchilov & Hutter 2019).
+
+    .. math::
+        g_t = \nabla f(\theta_{t-1}) + \lambda \theta_{t-1} \ \text{(coupled)}, \quad
+        \theta_{t-1} \leftarrow (1 - \gamma\lambda)\theta_{t-1} \ \text{(decoupled)}, \\
+        m_t = \beta_1 m_{t-1} + (1 - \beta_1) g_t, \quad v_t = \beta_2 v_{t-1} + (1 - \beta_2) g_t^2, \\
+        \theta_t = \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
+            \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
+        \quad (v_t \to \max_{s \le t} v_s \text{ with amsgrad})
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        amsgrad: bool = False,
+        *,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+            decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
+        )
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+        )
+
+    def _check_group(self, group):
+        _checks.non_negative("lr", group["lr"])
+        _checks.betas(group["betas"])
+        _checks.non_negative("eps", group["eps"])
+        _checks.non_negative("weight_decay", group["weight_decay"])
+
+    def _state_key_blocks(self, group):
+        return [frozenset(adam_state_keys(group["amsgrad"]))]
+
+    def _init_state(self, param, group):
+        keys = adam_state_keys(group["amsgrad"])
+        return {"step": step_counter(), **{k: new_state_like(param) for k in keys if k != "step"}}
+
+    def _update_group(self, group, params, grads, grad_scale):
+        beta1, beta2 = group["betas"]
+        keys = adam_state_keys(group["amsgrad"])[1:]
+        for ps, gs, states, t in self._step_buckets(group, params, grads, keys):
+            adam_step(
+                ps, gs, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+                amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, backend=self.backend,
+            )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (default 1e-2), as torch.optim.AdamW."""
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, maximize=maximize,
+            max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+        )

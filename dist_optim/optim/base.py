@@ -1,0 +1,187 @@
+"""The base of every element-wise optimizer: argument checks, fp32 state built lazily, gradient
+clipping and non-finite handling folded into the update's grad scale, and validated state loading.
+
+Flow of one ``step()``: collect the (local) grads of every group; when ``max_grad_norm`` is set or
+``nonfinite`` is not "apply", one fused read of the grads gives [sum of squares, non-finite flag];
+a non-finite step is skipped (or raises) before anything changes; otherwise each group's update runs
+with ``grad_scale = clip coefficient x (-1 if maximize)``, so no pass ever writes the gradients.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .. import _checks
+from ..distributed.shard import local_tensor
+from ..functional import grad_sumsq_and_flag
+from . import _state_dict
+
+# torch.nn.utils.clip_grad_norm_'s guard against division by a zero norm.
+CLIP_EPS = 1e-6
+
+
+class NonFiniteGradientError(FloatingPointError):
+    """Raised by ``step()`` with ``nonfinite="raise"`` when a gradient holds inf or NaN."""
+
+
+class FusedOptimizer(Optimizer):
+    """Shared machinery; subclasses define ``_check_group``, ``_state_key_blocks``, ``_init_state``
+    and ``_update_group``."""
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        defaults: dict[str, Any],
+        *,
+        max_grad_norm: float | None,
+        nonfinite: str,
+        backend: str,
+        process_group: Any,
+    ) -> None:
+        if isinstance(params, torch.Tensor):
+            raise ValueError(f"params must be an iterable of tensors or dicts, got a {torch.typename(params)}")
+        params = list(params)
+        if not params:
+            raise ValueError("params: optimizer got an empty parameter list")
+        self.max_grad_norm = _checks.max_grad_norm(max_grad_norm)
+        self.nonfinite = _checks.one_of("nonfinite", nonfinite, _checks.NONFINITE_MODES)
+        self.backend = _checks.one_of("backend", backend, _checks.BACKENDS)
+        self.process_group = process_group
+        self._check_group(defaults)
+        super().__init__(params, defaults)
+        self.skipped_steps = 0
+        self.last_grad_norm: float | None = None
+
+    # --- what subclasses define -------------------------------------------------------------
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _state_key_blocks(self, group: Mapping[str, Any]) -> Sequence[frozenset[str]]:
+        raise NotImplementedError
+
+    def _init_state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _update_group(
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float
+    ) -> None:
+        raise NotImplementedError
+
+    # --- torch.optim.Optimizer protocol -------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim's contract)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = self._collect_grads()
+        scale = self._clip_scale(work)
+        if scale is None:
+            self.skipped_steps += 1
+            return loss
+        for group, params, grads in work:
+            self._update_group(group, params, grads, -scale if group.get("maximize") else scale)
+        return loss
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        _state_dict.load_into(
+            self, state_dict, lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group)
+        )
+
+    # --- helpers --------------------------------------------------------------------------------
+    def _collect_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            params, grads = [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError(
+                        f"{type(self).__name__} does not support sparse gradients "
+                        f"(param {pi} of param group {gi} has a {p.grad.layout} grad)"
+                    )
+                params.append(p)
+                grads.append(p.grad)
+            work.append((group, params, grads))
+        return work
+
+    def _reduce_grad_stats(self, stats: torch.Tensor) -> torch.Tensor:
+        """Hook for the distributed layer: combine [sum of squares, flag] across ranks."""
+        return stats
+
+    def _clip_scale(self, work) -> float | None:
+        """The clip coefficient (1.0 without clipping), or None when the step is to be skipped."""
+        if self.max_grad_norm is None and self.nonfinite == "apply":
+            return 1.0
+        grads = [local_tensor(g) for _, _, gs in work for g in gs]
+        stats = self._reduce_grad_stats(grad_sumsq_and_flag(grads, backend=self.backend))
+        sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
+        bad = bool(flag > 0) or not bool(torch.isfinite(sumsq))
+        norm = sumsq.sqrt()
+        self.last_grad_norm = float(norm)
+        if bad and self.nonfinite == "raise":
+            raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {float(norm)})")
+        if bad and self.nonfinite == "skip":
+            return None
+        if self.max_grad_norm is None:
+            return 1.0
+        # fp32, as torch.nn.utils.clip_grad_norm_ computes it.
+        coef = torch.clamp(self.max_grad_norm / (norm + CLIP_EPS), max=1.0)
+        return float(coef)
+
+    def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """The param's state, its primary key block (the optimizer's own keys) built on first use."""
+        state = self.state[param]
+        blocks = self._state_key_blocks(group)
+        if blocks and not blocks[0] <= state.keys():
+            state.update(self._init_state(param, group))
+        return state
+
+    @staticmethod
+    def _locals(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        return [local_tensor(t) for t in tensors]
+
+    def _states_of(self, states: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
+        return {k: self._locals(s[k] for s in states) for k in keys}
+
+    def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], keys: Sequence[str]):
+        """Advance the params' step counts and yield (params, grads, states, t) per distinct count t,
+        as local tensors, for the families whose update depends on t."""
+        states = [self._state(p, group) for p in params]
+        for t, idx in advance(states).items():
+            yield (
+                self._locals(params[i] for i in idx),
+                self._locals(grads[i] for i in idx),
+                self._states_of([states[i] for i in idx], keys),
+                t,
+            )
+
+
+def step_counter() -> torch.Tensor:
+    """A per-param step count, as torch.optim keeps it (0-dim fp32 on the CPU)."""
+    return torch.tensor(0.0, dtype=torch.float32)
+
+
+def advance(states: Sequence[dict[str, torch.Tensor]], key: str = "step") -> dict[int, list[int]]:
+    """Increment each state's counter and group the indices by the new count, so that one launch
+    serves every tensor sharing bias corrections (params whose grad was None on some steps lag)."""
+    buckets: dict[int, list[int]] = defaultdict(list)
+    for i, state in enumerate(states):
+        state[key] += 1
+        buckets[int(state[key])].append(i)
+    return buckets
+

@@ -1,0 +1,137 @@
+"""Lookahead (Zhang et al. 2019) around any dist-optim optimizer, with its slow weights in the
+optimizer state so that they are checkpointed and resharded like every other state tensor."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from .. import _checks
+from ..distributed.shard import local_tensor, new_state_like
+from ..functional import lookahead_sync
+from ..functional.lookahead import STATE_KEYS
+from . import _state_dict
+from .base import FusedOptimizer, advance, step_counter
+
+LOOKAHEAD_KEYS = frozenset(STATE_KEYS)
+
+
+def check_k_alpha(k: Any, alpha: Any) -> None:
+    _checks.positive_int("k", k)
+    _checks.in_unit_interval("alpha", alpha, closed=True)
+
+
+def slow_weights(param: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Lookahead's state for a param: slow weights starting at the param's current value (the
+    paper's phi_0 = theta_0) and the count of optimizer steps taken since."""
+    return {"slow_buffer": new_state_like(param, copy=True), "lookahead_step": step_counter()}
+
+
+def count_and_pick_due(states: Sequence[dict[str, torch.Tensor]], k: int) -> list[int]:
+    """Advance each param's Lookahead count; the indices whose count reached a multiple of k."""
+    return [i for count, idx in advance(states, "lookahead_step").items() if count % k == 0 for i in idx]
+
+
+class Lookahead(Optimizer):
+    r"""Every ``k`` steps of the wrapped optimizer: ``slow += alpha * (fast - slow); fast = slow``.
+
+    ``alpha`` is the paper's step towards the fast weights (a text writing
+    ``slow = a * slow + (1 - a) * fast`` means ``a = 1 - alpha``). ``k`` counts optimizer steps taken
+    (a skipped non-finite step does not count), per param, so it does not drift when ZeRO-3 calls
+    ``step()`` once per sub-group. This object shares ``param_groups`` and ``state`` with the wrapped
+    optimizer: LR schedulers, ``zero_grad``, ``state_dict``/``load_state_dict`` and
+    ``torch.distributed.checkpoint.state_dict`` work on it directly.
+    """
+
+    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+        if not isinstance(optimizer, FusedOptimizer):
+            raise ValueError(f"optimizer must be a dist_optim optimizer, got {type(optimizer).__name__}")
+        if "k" in optimizer.defaults and "alpha" in optimizer.defaults:
+            raise ValueError(f"optimizer {type(optimizer).__name__} already does Lookahead; wrap its base optimizer instead")
+        check_k_alpha(k, alpha)
+        # Optimizer.__init__ is not called: it would build param groups and state of its own, while
+        # these must be the wrapped optimizer's. What it sets besides them is set here.
+        self.optimizer = optimizer
+        self.k, self.alpha = k, float(alpha)
+        self.defaults = optimizer.defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._optimizer_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_state_dict_post_hooks = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()
+        self._patch_step_function()
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.optimizer.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self.optimizer.state = value
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.optimizer.skipped_steps
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        return self.optimizer.last_grad_norm
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self.optimizer!r})"
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        self.optimizer.add_param_group(param_group)
+
+    @torch.no_grad()
+    def step(self, closure=None):  # noqa: D102 (torch.optim's contract)
+        # Slow weights are taken from the params before this step's update, but kept only if the
+        # step is not skipped: a skipped step leaves the state as it was.
+        pending = {
+            p: slow_weights(p) for g in self.param_groups for p in g["params"] if "slow_buffer" not in self.state[p]
+        }
+        skipped_before = self.optimizer.skipped_steps
+        loss = self.optimizer.step(closure)
+        if self.optimizer.skipped_steps != skipped_before:
+            return loss
+        for p, la_state in pending.items():
+            self.state[p].update(la_state)
+        members = [p for g in self.param_groups for p in g["params"]]
+        due = [members[i] for i in count_and_pick_due([self.state[p] for p in members], self.k)]
+        if due:
+            lookahead_sync(
+                [local_tensor(p) for p in due],
+                [local_tensor(self.state[p]["slow_buffer"]) for p in due],
+                alpha=self.alpha,
+                backend=self.optimizer.backend,
+            )
+        return loss
+
+    def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
+        return [*self.optimizer._state_key_blocks(group), LOOKAHEAD_KEYS]
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        _state_dict.load_into(
+            self,
+            state_dict,
+            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self.optimizer._check_group),
+        )

@@ -1,0 +1,84 @@
+"""Ranger: RAdam and Lookahead in one fused step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..distributed.shard import local_tensor
+from ..functional import lookahead_sync, radam_step
+from .base import advance
+from .lookahead import LOOKAHEAD_KEYS, check_k_alpha, count_and_pick_due, slow_weights
+from .radam import RAdam
+
+
+class Ranger(RAdam):
+    r"""RAdam with Lookahead (Wright 2019): exactly ``Lookahead(RAdam(...), k, alpha)``, but on a
+    sync step the slow-weight update is folded into RAdam's pass over memory, fed by the fp32 result
+    of the step (before it is rounded to a bf16/fp16 param).
+
+    Defaults are the Ranger reference's: betas (0.95, 0.999), eps 1e-5, k 6, alpha 0.5.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.95, 0.999),
+        eps: float = 1e-5,
+        weight_decay: float = 0.0,
+        k: int = 6,
+        alpha: float = 0.5,
+        rho_threshold: float = 5.0,
+        *,
+        decoupled_weight_decay: bool = False,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        super().__init__(
+            params, lr, betas, eps, weight_decay, decoupled_weight_decay, rho_threshold, maximize=maximize,
+            max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            k=k, alpha=alpha,
+        )
+
+    def _check_group(self, group):
+        super()._check_group(group)
+        check_k_alpha(group["k"], group["alpha"])
+
+    def _state_key_blocks(self, group):
+        return [*super()._state_key_blocks(group), LOOKAHEAD_KEYS]
+
+    def _update_group(self, group, params, grads, grad_scale):
+        members = group["params"]
+        for p in members:  # slow weights from the params before this step's update
+            if "slow_buffer" not in self.state[p]:
+                self.state[p].update(slow_weights(p))
+        due = {id(members[i]) for i in count_and_pick_due([self.state[p] for p in members], group["k"])}
+        hyper = self._radam_hyper(group, grad_scale)
+        states = [self._state(p, group) for p in params]
+        for t, idx in advance(states).items():
+            for sync in (True, False):
+                sel = [i for i in idx if (id(params[i]) in due) is sync]
+                if not sel:
+                    continue
+                keys = ("exp_avg", "exp_avg_sq", "slow_buffer") if sync else ("exp_avg", "exp_avg_sq")
+                radam_step(
+                    self._locals(params[i] for i in sel),
+                    self._locals(grads[i] for i in sel),
+                    self._states_of([states[i] for i in sel], keys),
+                    step=t,
+                    lookahead_alpha=group["alpha"] if sync else None,
+                    **hyper,
+                )
+        # Params without a gradient this step still take part in the sync.
+        with_grad = {id(p) for p in params}
+        idle = [p for p in members if id(p) in due and id(p) not in with_grad]
+        if idle:
+            lookahead_sync(
+                [local_tensor(p) for p in idle],
+                [local_tensor(self.state[p]["slow_buffer"]) for p in idle],
+                alpha=group["alpha"],
+                backend=self.backend,
+            )

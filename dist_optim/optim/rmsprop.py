@@ -1,0 +1,71 @@
+"""RMSprop with momentum and centering: torch.optim.RMSprop's algorithm and defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _checks
+from ..distributed.shard import new_state_like
+from ..functional import rmsprop_step
+from ..functional.rmsprop import rmsprop_state_keys
+from .base import FusedOptimizer, step_counter
+
+
+class RMSprop(FusedOptimizer):
+    r"""RMSprop (Hinton's lecture 6e; centered as in Graves 2013).
+
+    .. math::
+        g_t = \nabla f(\theta_{t-1}) + \lambda \theta_{t-1}, \quad
+        v_t = \alpha v_{t-1} + (1 - \alpha) g_t^2, \quad
+        \bar g_t = \alpha \bar g_{t-1} + (1 - \alpha) g_t \ \text{(centered)}, \\
+        a_t = \sqrt{v_t - \bar g_t^2} + \epsilon \ \text{(centered) or } \sqrt{v_t} + \epsilon, \quad
+        b_t = \mu b_{t-1} + g_t / a_t, \quad \theta_t = \theta_{t-1} - \gamma b_t \ (\mu > 0)
+        \text{ or } \theta_{t-1} - \gamma g_t / a_t
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-2,
+        alpha: float = 0.99,
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        centered: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
+        )
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+        )
+
+    def _check_group(self, group):
+        _checks.non_negative("lr", group["lr"])
+        _checks.in_unit_interval("alpha", group["alpha"], closed=True)
+        _checks.non_negative("eps", group["eps"])
+        _checks.non_negative("weight_decay", group["weight_decay"])
+        _checks.non_negative("momentum", group["momentum"])
+
+    def _state_key_blocks(self, group):
+        return [frozenset(rmsprop_state_keys(group["momentum"], group["centered"]))]
+
+    def _init_state(self, param, group):
+        keys = rmsprop_state_keys(group["momentum"], group["centered"])
+        return {"step": step_counter(), **{k: new_state_like(param) for k in keys if k != "step"}}
+
+    def _update_group(self, group, params, grads, grad_scale):
+        keys = rmsprop_state_keys(group["momentum"], group["centered"])[1:]
+        # RMSprop's update does not depend on t; the count is kept for torch.optim compatibility.
+        for ps, gs, states, _ in self._step_buckets(group, params, grads, keys):
+            rmsprop_step(
+                ps, gs, states, lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
+                grad_scale=grad_scale, backend=self.backend,
+            )

@@ -1,0 +1,89 @@
+"""SGD with momentum, dampening, weight decay and Nesterov: torch.optim.SGD's algorithm and defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _checks
+from ..distributed.shard import new_state_like
+from ..functional import sgd_step
+from .base import FusedOptimizer
+
+_MOMENTUM_KEYS = frozenset({"momentum_buffer"})
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent, optionally with (Nesterov) momentum.
+
+    .. math::
+        g_t = \nabla f(\theta_{t-1}) + \lambda \theta_{t-1}, \quad
+        b_t = \mu b_{t-1} + (1 - \tau) g_t \ (b_1 = g_1), \quad
+        \theta_t = \theta_{t-1} - \gamma (g_t + \mu b_t \text{ if nesterov else } b_t)
+
+    Arguments and defaults are torch.optim.SGD's; ``max_grad_norm``, ``nonfinite``, ``backend`` and
+    ``process_group`` are dist-optim's (see the package docs).
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.0,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        max_grad_norm: float | None = None,
+        nonfinite: str = "skip",
+        backend: str = "auto",
+        process_group: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
+        )
+        super().__init__(
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+        )
+
+    def _check_group(self, group):
+        _checks.non_negative("lr", group["lr"])
+        momentum = _checks.non_negative("momentum", group["momentum"])
+        dampening = _checks.in_unit_interval("dampening", group["dampening"], closed=True)
+        _checks.non_negative("weight_decay", group["weight_decay"])
+        if group["nesterov"] and (momentum <= 0.0 or dampening != 0.0):
+            raise ValueError(
+                f"Invalid nesterov: True requires momentum > 0 and dampening == 0 "
+                f"(got momentum={group['momentum']!r}, dampening={group['dampening']!r})"
+            )
+
+    def _state_key_blocks(self, group):
+        return [_MOMENTUM_KEYS] if group["momentum"] != 0 else []
+
+    def _init_state(self, param, group):
+        return {"momentum_buffer": new_state_like(param)} if group["momentum"] != 0 else {}
+
+    def _update_group(self, group, params, grads, grad_scale):
+        hyper = dict(
+            lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"], grad_scale=grad_scale, backend=self.backend,
+        )
+        if group["momentum"] == 0:
+            if not params:
+                return
+            sgd_step(self._locals(params), self._locals(grads), {}, first_step=False, **hyper)
+            return
+        # A fresh momentum buffer takes the first gradient as it is (torch.optim.SGD), so fresh and
+        # running buffers go in separate calls.
+        fresh = ["momentum_buffer" not in self.state[p] for p in params]
+        states = [self._state(p, group) for p in params]
+        for first in (True, False):
+            idx = [i for i, f in enumerate(fresh) if f is first]
+            if idx:
+                sgd_step(
+                    self._locals(params[i] for i in idx),
+                    self._locals(grads[i] for i in idx),
+                    self._states_of([states[i] for i in idx], _MOMENTUM_KEYS),
+                    first_step=first,
+                    **hyper,
+                )

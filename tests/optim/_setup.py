@@ -1,0 +1,42 @@
+"""Shared fixtures of the optimizer tests: a parameter set with the awkward cases every optimizer
+must handle (size 1, odd sizes, an empty tensor, a param whose grad is None on some steps, a frozen
+param) in two param groups, and deterministic gradients per (step, param)."""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = [(1,), (7,), (3, 5), (0,), (33,), (4, 4)]
+SOMETIMES_NONE = 1  # index of the param whose grad is None on every third step
+GROUP_A = slice(0, 3)
+
+
+def make_params(dtype: torch.dtype = torch.float32, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen).to(dtype).requires_grad_() for s in SHAPES]
+    frozen = torch.randn(3, generator=gen).to(dtype)  # requires_grad=False: never has a grad
+    return params + [frozen]
+
+
+def clone_params(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [p.detach().clone().requires_grad_(p.requires_grad) for p in params]
+
+
+def groups(params: list[torch.Tensor], kw_a: dict, kw_b: dict) -> list[dict]:
+    trainable, frozen = params[:-1], params[-1]
+    return [{"params": trainable[GROUP_A] + [frozen], **kw_a}, {"params": trainable[GROUP_A.stop:], **kw_b}]
+
+
+def set_grads(params: list[torch.Tensor], step: int, scale: float = 1.0) -> None:
+    for i, p in enumerate(params):
+        if not p.requires_grad or (i == SOMETIMES_NONE and step % 3 == 2):
+            p.grad = None
+            continue
+        gen = torch.Generator().manual_seed(1000 * step + i)
+        p.grad = (scale * torch.randn(p.shape, generator=gen)).to(p.dtype)
+
+
+def run(opt, params: list[torch.Tensor], start: int, stop: int, scale: float = 1.0) -> None:
+    for step in range(start, stop):
+        set_grads(params, step, scale)
+        opt.step()
