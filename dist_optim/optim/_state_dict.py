@@ -21,21 +21,18 @@ KeyBlocks = Sequence[frozenset[str]]
 
 
 def check_keys(name: str, pid: Any, keys: set[str], blocks: KeyBlocks) -> None:
-    """A param's state must be a union of whole key blocks (e.g. the inner optimizer's keys and
-    Lookahead's): anything else comes from another optimizer or configuration."""
-    covered: set[str] = set()
-    for block in blocks:
-        present = keys & block
-        if present and present != block:
-            break
-        covered |= present
-    else:
-        if covered == keys:
-            return
-    expected = " or ".join(sorted(map(str, map(sorted, blocks))))
+    """A param's state is empty, or a union of whole key blocks that includes the first block
+    (Lookahead's, which every stepped param has; the optimizer's own keys are the last block):
+    anything else comes from another optimizer or configuration."""
+    if not keys:
+        return
+    whole = all(block <= keys or not block & keys for block in blocks)
+    if blocks and blocks[0] <= keys and whole and keys <= frozenset().union(*blocks):
+        return
+    expected = sorted(frozenset().union(*blocks)) if blocks else "no state"
     raise ValueError(
-        f"state_dict['state'][{pid!r}] has keys {sorted(keys)}, but {name} with these settings keeps "
-        f"{expected}: the state_dict comes from a different optimizer class or configuration"
+        f"state_dict['state'][{pid!r}] has keys {sorted(keys)}, but {name} with these settings keeps {expected}: "
+        "the state_dict comes from a different optimizer class or configuration"
     )
 
 
@@ -78,9 +75,9 @@ def restore(
             raise ValueError(
                 f"state_dict param group {i} has {len(saved['params'])} params, {name}'s has {len(group['params'])}"
             )
-        new_group = {**saved, "params": group["params"]}
-        if "param_names" in group and "param_names" not in saved:
-            new_group["param_names"] = group["param_names"]
+        # Saved hyperparameters win, as in torch; a key the checkpoint lacks (written by an older
+        # version, say) keeps the current value.
+        new_group = {**group, **saved, "params": group["params"]}
         check_group(new_group)
         new_groups.append(new_group)
         for pid, p in zip(saved["params"], group["params"]):
@@ -95,14 +92,17 @@ def restore(
     return new_state, new_groups
 
 
-def load_into(optimizer: Optimizer, state_dict: Mapping[str, Any], restore_fn: Callable) -> None:
-    """torch's load_state_dict protocol (pre hooks, swap, post hooks) around ``restore_fn``."""
+def load_into(
+    optimizer: Optimizer, state_dict: Mapping[str, Any], restore_fn: Callable, owner: Optimizer | None = None
+) -> None:
+    """torch's load_state_dict protocol (pre hooks, swap, post hooks) around ``restore_fn``; the new
+    state and groups go to ``owner`` (the wrapped optimizer, for Lookahead) or ``optimizer``."""
     state_dict = dict(state_dict)
     for hook in optimizer._optimizer_load_state_dict_pre_hooks.values():
         result = hook(optimizer, state_dict)
         if result is not None:
             state_dict = result
     new_state, new_groups = restore_fn(state_dict)
-    optimizer.__setstate__({"state": new_state, "param_groups": new_groups})
+    Optimizer.__setstate__(owner or optimizer, {"state": new_state, "param_groups": new_groups})
     for hook in optimizer._optimizer_load_state_dict_post_hooks.values():
         hook(optimizer)

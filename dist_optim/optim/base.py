@@ -144,10 +144,10 @@ class FusedOptimizer(Optimizer):
         return float(coef)
 
     def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The param's state, its primary key block (the optimizer's own keys) built on first use."""
+        """The param's state, its own key block (the last one) built on first use."""
         state = self.state[param]
         blocks = self._state_key_blocks(group)
-        if blocks and not blocks[0] <= state.keys():
+        if blocks and not blocks[-1] <= state.keys():
             state.update(self._init_state(param, group))
         return state
 

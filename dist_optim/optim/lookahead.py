@@ -127,11 +127,12 @@ class Lookahead(Optimizer):
         return loss
 
     def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
-        return [*self.optimizer._state_key_blocks(group), LOOKAHEAD_KEYS]
+        return [LOOKAHEAD_KEYS, *self.optimizer._state_key_blocks(group)]
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(
             self,
             state_dict,
             lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self.optimizer._check_group),
+            owner=self.optimizer,
         )

@@ -48,7 +48,7 @@ class Ranger(RAdam):
         check_k_alpha(group["k"], group["alpha"])
 
     def _state_key_blocks(self, group):
-        return [*super()._state_key_blocks(group), LOOKAHEAD_KEYS]
+        return [LOOKAHEAD_KEYS, *super()._state_key_blocks(group)]
 
     def _update_group(self, group, params, grads, grad_scale):
         members = group["params"]
