@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from .. import _checks
 from ..distributed.shard import local_tensor
-from ..functional import grad_sumsq_and_flag
+from ..distributed.grad_stats import global_grad_stats
 from . import _state_dict
 
 # torch.nn.utils.clip_grad_norm_'s guard against division by a zero norm.
@@ -82,13 +82,16 @@ class FusedOptimizer(Optimizer):
             raise
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 (torch.optim's contract)
+    def step(self, closure=None, *, grad_scale: float = 1.0):
+        """One optimizer step. ``grad_scale`` multiplies the gradients inside the update (gradient
+        accumulation passes 1/N here instead of scaling the loss); clipping sees the scaled norm."""
+        grad_scale = _checks.positive("grad_scale", grad_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = self._collect_grads()
-        scale = self._clip_scale(work)
+        scale = self._clip_scale(work, grad_scale)
         if scale is None:
             self.skipped_steps += 1
             return loss
@@ -119,29 +122,26 @@ class FusedOptimizer(Optimizer):
             work.append((group, params, grads))
         return work
 
-    def _reduce_grad_stats(self, stats: torch.Tensor) -> torch.Tensor:
-        """Hook for the distributed layer: combine [sum of squares, flag] across ranks."""
-        return stats
-
-    def _clip_scale(self, work) -> float | None:
-        """The clip coefficient (1.0 without clipping), or None when the step is to be skipped."""
+    def _clip_scale(self, work, grad_scale: float) -> float | None:
+        """The scale the update applies to the raw gradients (``grad_scale`` times the clip
+        coefficient), or None when the step is to be skipped."""
         if self.max_grad_norm is None and self.nonfinite == "apply":
-            return 1.0
-        grads = [local_tensor(g) for _, _, gs in work for g in gs]
-        stats = self._reduce_grad_stats(grad_sumsq_and_flag(grads, backend=self.backend))
+            return grad_scale
+        grads = [g for _, _, gs in work for g in gs]
+        stats = global_grad_stats(grads, self.process_group, backend=self.backend)
         sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
         bad = bool(flag > 0) or not bool(torch.isfinite(sumsq))
-        norm = sumsq.sqrt()
+        norm = sumsq.sqrt() * grad_scale
         self.last_grad_norm = float(norm)
         if bad and self.nonfinite == "raise":
             raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {float(norm)})")
         if bad and self.nonfinite == "skip":
             return None
         if self.max_grad_norm is None:
-            return 1.0
+            return grad_scale
         # fp32, as torch.nn.utils.clip_grad_norm_ computes it.
         coef = torch.clamp(self.max_grad_norm / (norm + CLIP_EPS), max=1.0)
-        return float(coef)
+        return float(coef) * grad_scale
 
     def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, its own key block (the last one) built on first use."""

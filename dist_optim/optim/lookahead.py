@@ -103,14 +103,14 @@ class Lookahead(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):  # noqa: D102 (torch.optim's contract)
+    def step(self, closure=None, *, grad_scale: float = 1.0):  # noqa: D102 (the wrapped optimizer's contract)
         # Slow weights are taken from the params before this step's update, but kept only if the
         # step is not skipped: a skipped step leaves the state as it was.
         pending = {
             p: slow_weights(p) for g in self.param_groups for p in g["params"] if "slow_buffer" not in self.state[p]
         }
         skipped_before = self.optimizer.skipped_steps
-        loss = self.optimizer.step(closure)
+        loss = self.optimizer.step(closure, grad_scale=grad_scale)
         if self.optimizer.skipped_steps != skipped_before:
             return loss
         for p, la_state in pending.items():
