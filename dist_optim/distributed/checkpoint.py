@@ -80,6 +80,11 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return root / name
 
 
+def checkpoint_extra(path: str | os.PathLike) -> dict:
+    """The ``extra`` dict (with ``step``) saved with a complete checkpoint folder."""
+    return json.loads((Path(path) / EXTRA).read_text())
+
+
 def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: Any) -> dict:
     """Load into ``model`` and ``optimizer`` (every rank calls this; any world size) from a
     checkpoint folder or a root holding ``latest``; returns the saved ``extra`` dict."""
@@ -92,4 +97,4 @@ def load_checkpoint(path: str | os.PathLike, model: torch.nn.Module, optimizer: 
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return json.loads((path / EXTRA).read_text())
+    return checkpoint_extra(path)
