@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -39,6 +40,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_optimizer: bool) -> None
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -81,9 +83,11 @@ def launch(cfg: TrainConfig, *, resume: bool = False) -> None:
         )
 
 
-def _prepare_out(out: Path) -> None:
+def _prepare_out(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"Invalid out: {str(out)!r} exists and is not empty (use --resume {out} or another --out)")
+        if not overwrite:
+            raise ValueError(f"Invalid out: {str(out)!r} exists and is not empty (use --resume {out}, --overwrite or another --out)")
+        shutil.rmtree(out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -99,7 +103,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         return
     cfg = TrainConfig(**_overrides(args))
     out = Path(cfg.out)
-    _prepare_out(out)
+    _prepare_out(out, args.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(cfg.to_json())
     launch(cfg)
@@ -114,7 +118,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     out = Path(args.out)
     common = {k: v for k, v in _overrides(args).items() if k != "out"}
     configs = [TrainConfig(**common, optimizer=n, out=str(out / n)) for n in names]  # validate all first
-    _prepare_out(out)
+    _prepare_out(out, args.overwrite)
     runs, table = {}, []
     for cfg in configs:
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
