@@ -4,8 +4,8 @@ ranks that hold disjoint pieces of the gradients, each element counted once.
 Who holds what:
 - a DTensor grad (FSDP2) is split over its device mesh; a copy replicated along a mesh dim is
   counted only on the rank at coordinate 0 of that dim (HSDP's replicas);
-- a plain grad when ``process_group`` was given explicitly is a partition (ZeRO's flat fp32 shard):
-  counted on every rank;
+- a plain grad when ``process_group`` was given explicitly is a partition (ZeRO's flat fp32 shard,
+  FSDP1's flat shard): counted on every rank;
 - a plain grad beside DTensor params (no explicit group) is replicated on every rank of the mesh:
   counted on the group's first rank only;
 - with no group at all, everything is local.
@@ -22,6 +22,13 @@ import torch.distributed as dist
 
 from ..functional import grad_sumsq_and_flag
 from .shard import is_dtensor, local_tensor
+
+
+def fsdp1_group(param_groups: Sequence[dict]) -> Any:
+    """FSDP1's flat shards (either ``use_orig_params`` setting) are partitions of the default group:
+    return it for such params, None otherwise. HYBRID_SHARD needs ``process_group=`` explicitly."""
+    flattened = any(getattr(p, "_fsdp_flattened", False) for g in param_groups for p in g["params"])
+    return dist.group.WORLD if flattened and dist.is_initialized() else None
 
 
 def mesh_group(grads: Sequence[torch.Tensor]) -> Any:

@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from .. import _checks
 from ..distributed.shard import local_tensor
-from ..distributed.grad_stats import global_grad_stats
+from ..distributed.grad_stats import fsdp1_group, global_grad_stats
 from . import _state_dict
 
 # torch.nn.utils.clip_grad_norm_'s guard against division by a zero norm.
@@ -51,9 +51,9 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = _checks.max_grad_norm(max_grad_norm)
         self.nonfinite = _checks.one_of("nonfinite", nonfinite, _checks.NONFINITE_MODES)
         self.backend = _checks.one_of("backend", backend, _checks.BACKENDS)
-        self.process_group = process_group
         self._check_group(defaults)
         super().__init__(params, defaults)
+        self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
 

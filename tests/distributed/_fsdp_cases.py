@@ -1,0 +1,201 @@
+"""What the FSDP2 tests run on each rank, and the one-process references they are compared with.
+
+The model has uneven shards by design: Linear(5, 7) has 7 rows (4/3 at world 2, 3/3/1 at world 3)
+and Linear(7, 2) has 2 rows (a rank holds none at world 3). Each rank trains on its slice of a
+global batch; FSDP2 averages gradients over ranks, so the one-process reference uses the mean loss
+over the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import dist_optim
+from tests.optim._factories import CONFIGS
+
+PER_RANK = 3
+
+
+def model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
+
+
+def global_batch(step: int, world: int, micro: int = 0, per_rank: int = PER_RANK):
+    gen = torch.Generator().manual_seed(1000 * step + micro)
+    return torch.randn(per_rank * world, 5, generator=gen), torch.randn(per_rank * world, 2, generator=gen)
+
+
+def rank_slice(t: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    n = t.shape[0] // world
+    return t[rank * n : (rank + 1) * n]
+
+
+def loss_fn(net, x, y):
+    return torch.nn.functional.mse_loss(net(x), y)
+
+
+def sharded_model(seed: int = 0) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net = model(seed)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def full_params(net) -> list[torch.Tensor]:
+    return [(p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for p in net.parameters()]
+
+
+def train_sharded(name: str, steps: int, start: int = 0, net=None, opt=None, **opt_kw):
+    """Train under FSDP2 on this rank's slices; returns (net, opt)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if net is None:
+        net = sharded_model()
+        opt = CONFIGS[name](net.parameters(), backend="torch", **opt_kw)
+    for step in range(start, start + steps):
+        x, y = global_batch(step, world)
+        loss_fn(net, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+    return net, opt
+
+
+def train_reference(name: str, steps: int, world: int, start: int = 0, net=None, opt=None, **opt_kw):
+    """The same run in one process on the whole batch."""
+    if net is None:
+        net = model()
+        opt = CONFIGS[name](net.parameters(), backend="torch", **opt_kw)
+    for step in range(start, start + steps):
+        x, y = global_batch(step, world)
+        loss_fn(net, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return net, opt
+
+
+# --- functions the tests run on every rank -------------------------------------------------------
+
+def run_optimizer(name: str, steps: int, **opt_kw):
+    net, opt = train_sharded(name, steps, **opt_kw)
+    keys = [sorted(opt.state[p]) for p in net.parameters()]
+    local_numels = [p.to_local().numel() for p in net.parameters()]
+    return full_params(net), keys, local_numels, opt.skipped_steps
+
+
+def run_clipping_against_torch(steps: int, max_norm: float):
+    net, opt = train_sharded("AdamW", steps, max_grad_norm=max_norm)
+    return full_params(net), opt.last_grad_norm
+
+
+def run_nan_on_one_rank():
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net, opt = train_sharded("Ranger", 2)
+    before = full_params(net)
+    state_before = {i: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v.clone()) for k, v in opt.state[p].items()}
+                    for i, p in enumerate(net.parameters())}
+    x, y = global_batch(99, world)
+    loss_fn(net, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+    if rank == world - 1:
+        grad = net[0].weight.grad.to_local()
+        grad.view(-1)[0] = float("nan")
+    opt.step()
+    after = full_params(net)
+    state_after = {i: {k: (v.full_tensor() if hasattr(v, "full_tensor") else v.clone()) for k, v in opt.state[p].items()}
+                   for i, p in enumerate(net.parameters())}
+    same_params = all(torch.equal(a, b) for a, b in zip(before, after))
+    same_state = all(torch.equal(state_before[i][k], state_after[i][k]) for i in state_before for k in state_before[i])
+    return opt.skipped_steps, same_params, same_state
+
+
+def run_accumulation(micro_steps: int, steps: int, per_rank: int):
+    from dist_optim.distributed.accumulation import GradientAccumulation
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = sharded_model()
+    opt = dist_optim.AdamW(net.parameters(), lr=0.01, backend="torch", max_grad_norm=0.5)
+    accum = GradientAccumulation(net, opt, micro_steps)
+    for step in range(steps):
+        mbs = [global_batch(step, world, micro=m, per_rank=per_rank) for m in range(micro_steps)]
+        mbs = [(rank_slice(x, rank, world), rank_slice(y, rank, world)) for x, y in mbs]
+        for window in accum.windows(mbs):
+            for (x, y), sync in accum.micro_batches(window):
+                with sync:
+                    loss_fn(net, x, y).backward()
+            accum.step()
+    return full_params(net), opt.last_grad_norm
+
+
+def run_uneven_windows(counts: list[int], micro_steps: int):
+    from dist_optim.distributed.accumulation import GradientAccumulation
+
+    rank = dist.get_rank()
+    net = sharded_model()
+    opt = dist_optim.SGD(net.parameters(), lr=0.1, backend="torch")
+    accum = GradientAccumulation(net, opt, micro_steps)
+    sizes = []
+    for window in accum.windows(range(counts[rank])):
+        for i, sync in accum.micro_batches(window):
+            with sync:
+                x, y = global_batch(i, 1)
+                loss_fn(net, x, y).backward()
+        accum.step()
+        sizes.append(len(window))
+    return sizes, full_params(net)
+
+
+def run_decisions(metrics: list[float]):
+    from dist_optim.distributed.decisions import EarlyStopping, ReduceLROnPlateau
+
+    rank = dist.get_rank()
+    net = model()
+    opt = dist_optim.SGD(net.parameters(), lr=1.0)
+    plateau = ReduceLROnPlateau(opt, patience=1, factor=0.5)
+    stopper = EarlyStopping(patience=3, min_delta=0.01)
+    lrs, stops = [], []
+    for m in metrics:
+        local = m + (0.3 if rank == 0 else -0.3) * (1 if len(lrs) % 2 else -1)  # ranks disagree, means agree
+        plateau.step(local)
+        lrs.append(opt.param_groups[0]["lr"])
+        stops.append(stopper.step(local))
+    return lrs, stops
+
+
+def run_save(name: str, steps: int, root: str, then: int):
+    from dist_optim.distributed.checkpoint import save_checkpoint
+
+    net, opt = train_sharded(name, steps)
+    save_checkpoint(root, net, opt, step=steps)
+    net, opt = train_sharded(name, then, start=steps, net=net, opt=opt)
+    return full_params(net)
+
+
+def run_resume(name: str, root: str, then: int):
+    from dist_optim.distributed.checkpoint import load_checkpoint
+
+    net = sharded_model(seed=123)  # different init: everything must come from the checkpoint
+    opt = CONFIGS[name](net.parameters(), backend="torch")
+    start = load_checkpoint(root, net, opt)["step"]
+    net, opt = train_sharded(name, then, start=start, net=net, opt=opt)
+    return full_params(net)
+
+
+def run_fsdp1(name: str, steps: int, use_orig_params: bool, **opt_kw):
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = FSDP(model(), use_orig_params=use_orig_params, device_id=torch.device("cpu"))
+    opt = CONFIGS[name](net.parameters(), backend="torch", **opt_kw)
+    for step in range(steps):
+        x, y = global_batch(step, world)
+        loss_fn(net, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+    with FSDP.summon_full_params(net):
+        params = [p.detach().clone() for p in net.parameters()]
+    return params, opt.last_grad_norm
