@@ -136,6 +136,56 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def strategy_from_launcher(env: dict[str, str]) -> str:
+    """The strategy an external launcher asked for: accelerate's FSDP/DeepSpeed settings, else DDP
+    when there are several ranks."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return f"zero{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ValueError("Invalid fsdp_version: 1 (dist-optim trains under FSDP2: set fsdp_version: 2)")
+        return "fsdp2"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def launched_main(argv: list[str] | None = None) -> int:
+    """Entry point when another launcher started the ranks (``accelerate launch``, ``deepspeed``,
+    ``torchrun``): RANK/WORLD_SIZE/MASTER_ADDR come from the environment."""
+    import torch
+    import torch.distributed as dist
+
+    from .train.loop import train
+
+    parser = argparse.ArgumentParser(prog="launch/train.py")
+    _add_train_args(parser, with_optimizer=True)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
+    args = parser.parse_args(argv)
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        values = _overrides(args)
+        values.setdefault("strategy", strategy_from_launcher(dict(os.environ)))
+        values["nproc"] = world
+        values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+        cfg = TrainConfig(**values)
+    except ValueError as err:
+        print(f"dist-optim: error: {err}", file=sys.stderr)
+        return 2
+    if cfg.strategy != "single":
+        if cfg.device == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", init_method="env://")
+    try:
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            Path(cfg.out).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.out) / "config.json").write_text(cfg.to_json())
+        train(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dist-optim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
