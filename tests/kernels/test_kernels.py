@@ -1,0 +1,227 @@
+"""Every Triton kernel against the torch path (dist_optim.functional with backend="torch"): the
+interpreter on CPU, real kernels on CUDA (`cuda` mark). Several tensors per launch with odd sizes
+and an empty one, fp32/bf16/fp16 params (and fp32 grads for low-precision params), every switch.
+
+Tolerances: fp32 params and all (fp32) state rtol 2e-6 / atol 1e-6 — the kernel evaluates the same
+expressions, but a GPU may contract a multiply-add into an FMA (and torch's CPU add-with-alpha does),
+an ulp or two apart. bf16/fp16 params: one ulp of the param dtype — the fp32 results may sit on
+either side of a rounding boundary, and the Triton interpreter converts fp32 to bf16 by truncation
+where torch and GPUs round to nearest even. Because a one-ulp param difference feeds the next step,
+low-precision runs are compared step by step from identical inputs; fp32 runs over several steps.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dist_optim.functional as F
+import triton_kernels
+
+SIZES = [1, 7, 1003, 0, 601]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    dev = torch.device(request.param)
+    if not triton_kernels.supports(dev):
+        pytest.skip(f"Triton cannot run on {dev} in this process")
+    return dev
+
+
+def make(dtype, device, state_keys, *, grad_dtype=None, seed=0, positive=("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in SIZES]
+    grads = [torch.randn(n, generator=gen).to(device=device, dtype=grad_dtype or dtype) for n in SIZES]
+    states = {}
+    for key in state_keys:
+        values = [torch.randn(n, generator=gen) for n in SIZES]
+        if key in positive:
+            values = [v.abs() for v in values]
+        states[key] = [v.to(device=device) for v in values]
+    return params, grads, states
+
+
+def clone(params, grads, states):
+    return [p.clone() for p in params], [g.clone() for g in grads], {k: [t.clone() for t in v] for k, v in states.items()}
+
+
+def assert_match(ours, ref, state_rtol=2e-6):
+    (p1, _, s1), (p2, _, s2) = ours, ref
+    for a, b in zip(p1, p2):
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+        else:
+            eps = torch.finfo(a.dtype).eps
+            torch.testing.assert_close(a.float(), b.float(), rtol=eps, atol=eps * 1e-2)
+    for key in s1:
+        for a, b in zip(s1[key], s2[key]):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=state_rtol, atol=1e-6, msg=f"state {key!r}")
+
+
+def compare(step_fn, dtype, device, state_keys, steps=3, grad_dtype=None, data=None, state_rtol=2e-6):
+    data = make(dtype, device, state_keys, grad_dtype=grad_dtype) if data is None else data
+    ref = clone(*data)
+    for t in range(1, steps + 1):
+        if dtype != torch.float32:  # restart from the reference's values: compare one step at a time
+            data = clone(*ref)
+        step_fn(*data, t=t, backend="triton")
+        step_fn(*ref, t=t, backend="torch")
+        if dtype != torch.float32:
+            assert_match(data, ref, state_rtol)
+    assert_match(data, ref, state_rtol)
+
+
+low_precision_grads = pytest.mark.parametrize(
+    "dtype,grad_dtype", [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32)]
+)
+
+
+@low_precision_grads
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, grad_scale=1.0),
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, grad_scale=0.5),
+        dict(lr=0.05, momentum=0.8, dampening=0.0, weight_decay=0.1, nesterov=True, grad_scale=-1.0),
+    ],
+)
+def test_sgd(device, dtype, grad_dtype, kw):
+    keys = ["momentum_buffer"] if kw["momentum"] else []
+
+    def step(p, g, s, *, t, backend):
+        F.sgd_step(p, g, s, first_step=t == 1, backend=backend, **kw)
+
+    compare(step, dtype, device, keys, grad_dtype=grad_dtype)
+
+
+@low_precision_grads
+@pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.37)])
+def test_adagrad(device, dtype, grad_dtype, weight_decay, grad_scale):
+    def step(p, g, s, *, t, backend):
+        F.adagrad_step(p, g, s, lr=0.1, lr_decay=0.01, weight_decay=weight_decay, eps=1e-10, step=t,
+                       grad_scale=grad_scale, backend=backend)
+
+    compare(step, dtype, device, ["sum"], grad_dtype=grad_dtype)
+
+
+@low_precision_grads
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
+        dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
+        dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),  # lerp weight >= 0.5: torch's other branch
+    ],
+)
+def test_rmsprop(device, dtype, grad_dtype, kw):
+    keys = ["square_avg"] + (["grad_avg"] if kw["centered"] else []) + (["momentum_buffer"] if kw["momentum"] else [])
+
+    def step(p, g, s, *, t, backend):
+        F.rmsprop_step(p, g, s, lr=0.01, eps=1e-8, grad_scale=0.8, backend=backend, **kw)
+
+    # A centered average needs square_avg >= grad_avg^2 to stay real: start both at zero. Centered,
+    # sqrt(v - m^2) cancels: ulps of v and m grow by (v + m^2) / (v - m^2), hence rtol 2e-5 there.
+    data = make(dtype, device, keys, grad_dtype=grad_dtype)
+    for key in keys:
+        for t in data[2][key]:
+            t.zero_()
+    compare(step, dtype, device, keys, data=data, state_rtol=2e-5 if kw["centered"] else 2e-6)
+
+
+@low_precision_grads
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
+        dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
+        dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
+        dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),  # lerp's other branch
+    ],
+)
+def test_adam(device, dtype, grad_dtype, kw):
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw["amsgrad"] else [])
+
+    def step(p, g, s, *, t, backend):
+        F.adam_step(p, g, s, lr=0.01, eps=1e-8, step=t, grad_scale=-0.5, backend=backend, **kw)
+
+    compare(step, dtype, device, keys, grad_dtype=grad_dtype)
+
+
+@low_precision_grads
+@pytest.mark.parametrize("first_step", [1, 12], ids=["unrectified", "rectified"])
+@pytest.mark.parametrize("sync", [None, 0.3], ids=["radam", "ranger-sync"])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_radam_and_ranger_sync(device, dtype, grad_dtype, first_step, sync, decoupled):
+    keys = ["exp_avg", "exp_avg_sq"] + (["slow_buffer"] if sync is not None else [])
+
+    def step(p, g, s, *, t, backend):
+        F.radam_step(p, g, s, lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.05, decoupled=decoupled,
+                     rho_threshold=5.0, step=first_step + t - 1, lookahead_alpha=sync, grad_scale=1.3, backend=backend)
+
+    assert (F.radam_rho(0.999, 1) > 5.0) is False and F.radam_rho(0.999, 12) > 5.0
+    compare(step, dtype, device, keys, grad_dtype=grad_dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lookahead_sync(device, dtype):
+    def step(p, g, s, *, t, backend):
+        F.lookahead_sync(p, s["slow_buffer"], alpha=0.3, backend=backend)
+
+    compare(step, dtype, device, ["slow_buffer"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sumsq_matches_torch(device, dtype):
+    _, grads, _ = make(dtype, device, [])
+    ours = F.grad_sumsq_and_flag(grads, backend="triton")
+    ref = F.grad_sumsq_and_flag(grads, backend="torch")
+    torch.testing.assert_close(ours.cpu(), ref.cpu(), rtol=1e-5, atol=0)  # summation order differs
+    assert ours[1] == 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_sumsq_flags_nonfinite(device, bad):
+    _, grads, _ = make(torch.float32, device, [])
+    grads[2][500] = bad
+    assert F.grad_sumsq_and_flag(grads, backend="triton")[1] == 1
+
+
+def test_sumsq_is_bitwise_reproducible(device):
+    _, grads, _ = make(torch.float32, device, [])
+    first = F.grad_sumsq_and_flag(grads, backend="triton")
+    assert torch.equal(first, F.grad_sumsq_and_flag(grads, backend="triton"))
+
+
+def test_mixed_dtypes_in_one_call_use_one_launch_per_bucket(device, monkeypatch):
+    from triton_kernels import _multi_tensor
+
+    launches = []
+    real = _multi_tensor.tables
+    monkeypatch.setattr(_multi_tensor, "tables", lambda *a, **k: launches.append(1) or real(*a, **k))
+    params = [torch.randn(n, device=device, dtype=d) for n, d in [(5, torch.float32), (9, torch.bfloat16), (3, torch.float32)]]
+    grads = [torch.randn_like(p) for p in params]
+    states = {"exp_avg": [torch.zeros(p.numel(), device=device) for p in params],
+              "exp_avg_sq": [torch.zeros(p.numel(), device=device) for p in params]}
+    ref = clone(params, grads, states)
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False, step=1)
+    F.adam_step(params, grads, states, backend="triton", **kw)
+    F.adam_step(*ref, backend="torch", **kw)
+    assert len(launches) == 2
+    assert_match((params, grads, states), ref)
+
+
+def test_bad_input_is_a_value_error(device):
+    p = [torch.zeros(8, device=device)]
+    g = [torch.zeros(8, device=device)]
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False, amsgrad=False, step=1, backend="triton")
+    strided = torch.zeros(16, device=device)[::2]
+    with pytest.raises(ValueError, match=r"state\[0\] is not contiguous"):
+        F.adam_step(p, g, {"exp_avg": [strided], "exp_avg_sq": [torch.zeros(8, device=device)]}, **kw)
+    with pytest.raises(ValueError, match="2 tensors for 1 params"):
+        F.adam_step(p, g + g, {"exp_avg": [torch.zeros(8, device=device)], "exp_avg_sq": [torch.zeros(8, device=device)]}, **kw)
+    with pytest.raises(ValueError, match="must be fp32"):
+        F.adam_step(p, g, {"exp_avg": [torch.zeros(8, device=device, dtype=torch.bfloat16)], "exp_avg_sq": [torch.zeros(8, device=device)]}, **kw)

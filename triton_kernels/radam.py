@@ -1,0 +1,77 @@
+"""RAdam in one pass, with Ranger's Lookahead sync folded in on sync steps, and the sync alone
+(see dist_optim.functional.radam and .lookahead)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _multi_tensor
+from ._jit import chunk_of, lerp, typed
+
+
+@triton.jit
+def _radam_kernel(P, G, M, V, SLOW, NUMEL, CHUNK_T, CHUNK_S, lr, beta1, beta2, eps, weight_decay, step_size,
+                  lookahead_alpha, grad_scale,
+                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                  HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
+                  LERP_LOW: tl.constexpr):
+    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
+    p_ptr, g_ptr = typed(P, t, P_DTYPE), typed(G, t, G_DTYPE)
+    m_ptr, v_ptr, slow_ptr = typed(M, t, tl.float32), typed(V, t, tl.float32), typed(SLOW, t, tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
+        if HAS_WD:
+            if DECOUPLED:
+                p = p * (1.0 - lr * weight_decay)
+            else:
+                g = g + weight_decay * p
+        m = lerp(tl.load(m_ptr + offs, mask=mask), g, 1.0 - beta1, LERP_LOW)
+        v = tl.load(v_ptr + offs, mask=mask) * beta2 + (1.0 - beta2) * (g * g)
+        tl.store(m_ptr + offs, m, mask=mask)
+        tl.store(v_ptr + offs, v, mask=mask)
+        if RECTIFIED:
+            p = p + (-step_size) * (m / (tl.sqrt(v) + eps))
+        else:
+            p = p + (-step_size) * m
+        if SYNC:  # the fp32 result feeds the slow weights before any rounding to the param dtype
+            slow = tl.load(slow_ptr + offs, mask=mask)
+            slow = slow + lookahead_alpha * (p - slow)
+            tl.store(slow_ptr + offs, slow, mask=mask)
+            p = slow
+        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _sync_kernel(P, G, SLOW, NUMEL, CHUNK_T, CHUNK_S, alpha,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    # G is the launcher's grad role, unused: the sync reads no gradient.
+    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
+    p_ptr, slow_ptr = typed(P, t, P_DTYPE), typed(SLOW, t, tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        slow = tl.load(slow_ptr + offs, mask=mask)
+        slow = slow + alpha * (p - slow)
+        tl.store(slow_ptr + offs, slow, mask=mask)
+        tl.store(p_ptr + offs, slow.to(P_DTYPE), mask=mask)
+
+
+def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,
+               lookahead_alpha, grad_scale) -> None:
+    sync = lookahead_alpha is not None
+    _multi_tensor.launch(
+        _radam_kernel, params, grads,
+        [states["exp_avg"], states["exp_avg_sq"], states["slow_buffer"] if sync else None],
+        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if sync else 0.0, grad_scale],
+        HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=bool(rectified), SYNC=sync,
+        LERP_LOW=(1.0 - beta1) < 0.5,
+    )
+
+
+def lookahead_sync(params, slow_buffers, *, alpha) -> None:
+    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha])

@@ -1,0 +1,50 @@
+"""RMSprop with optional momentum and centering in one pass (see dist_optim.functional.rmsprop)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import _multi_tensor
+from ._jit import chunk_of, lerp, typed
+
+
+@triton.jit
+def _rmsprop_kernel(P, G, SQ, GA, MB, NUMEL, CHUNK_T, CHUNK_S, lr, alpha, eps, weight_decay, momentum, grad_scale,
+                    P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                    HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr):
+    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
+    p_ptr, g_ptr, sq_ptr = typed(P, t, P_DTYPE), typed(G, t, G_DTYPE), typed(SQ, t, tl.float32)
+    ga_ptr, mb_ptr = typed(GA, t, tl.float32), typed(MB, t, tl.float32)
+    for off in range(0, CHUNK, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        mask = offs < n
+        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
+        if HAS_WD:
+            g = g + weight_decay * p
+        sq = tl.load(sq_ptr + offs, mask=mask) * alpha + (1.0 - alpha) * (g * g)
+        tl.store(sq_ptr + offs, sq, mask=mask)
+        if CENTERED:
+            ga = lerp(tl.load(ga_ptr + offs, mask=mask), g, 1.0 - alpha, LERP_LOW)
+            tl.store(ga_ptr + offs, ga, mask=mask)
+            avg = tl.sqrt(sq - ga * ga) + eps
+        else:
+            avg = tl.sqrt(sq) + eps
+        if HAS_MOMENTUM:
+            mb = tl.load(mb_ptr + offs, mask=mask) * momentum + g / avg
+            tl.store(mb_ptr + offs, mb, mask=mask)
+            p = p + (-lr) * mb
+        else:
+            p = p + (-lr) * (g / avg)
+        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale) -> None:
+    has_momentum = momentum > 0.0
+    _multi_tensor.launch(
+        _rmsprop_kernel, params, grads,
+        [states["square_avg"], states["grad_avg"] if centered else None, states["momentum_buffer"] if has_momentum else None],
+        [lr, alpha, eps, weight_decay, momentum, grad_scale],
+        HAS_WD=weight_decay != 0.0, CENTERED=bool(centered), HAS_MOMENTUM=has_momentum, LERP_LOW=(1.0 - alpha) < 0.5,
+    )
