@@ -5,6 +5,7 @@ from .optim import (
     Adagrad,
     Adam,
     AdamW,
+    LBFGS,
     FusedOptimizer,
     Lookahead,
     NonFiniteGradientError,
@@ -16,6 +17,6 @@ from .optim import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger",
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger", "LBFGS",
     "FusedOptimizer", "NonFiniteGradientError",
 ]

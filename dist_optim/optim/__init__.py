@@ -3,6 +3,7 @@
 from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .base import FusedOptimizer, NonFiniteGradientError
+from .lbfgs import LBFGS
 from .lookahead import Lookahead
 from .radam import RAdam
 from .ranger import Ranger
@@ -10,6 +11,6 @@ from .rmsprop import RMSprop
 from .sgd import SGD
 
 __all__ = [
-    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger",
+    "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger", "LBFGS",
     "FusedOptimizer", "NonFiniteGradientError",
 ]

@@ -37,11 +37,11 @@ def loss_fn(net, x, y):
     return torch.nn.functional.mse_loss(net(x), y)
 
 
-def sharded_model(seed: int = 0) -> nn.Module:
+def sharded_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    net = model(seed)
+    net = model(seed).to(dtype)  # before fully_shard, which fixes the dtype it computes in
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     fully_shard(net[0], mesh=mesh)
     fully_shard(net, mesh=mesh)
@@ -199,3 +199,55 @@ def run_fsdp1(name: str, steps: int, use_orig_params: bool, **opt_kw):
     with FSDP.summon_full_params(net):
         params = [p.detach().clone() for p in net.parameters()]
     return params, opt.last_grad_norm
+
+
+def lbfgs_reference(steps: int, world: int, **kw):
+    """torch.optim.LBFGS in one process on the whole batch, fp64."""
+    net = model().double()
+    opt = torch.optim.LBFGS(net.parameters(), **kw)
+    x, y = global_batch(0, world)
+    x, y = x.double(), y.double()
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(net, x, y)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(steps)]
+    return [p.detach() for p in net.parameters()], losses, opt.state[opt._params[0]]["func_evals"]
+
+
+def run_lbfgs(steps: int, resume_after: int | None = None, **kw):
+    """dist_optim.LBFGS under FSDP2 (fp64) on this rank's slice; counts every all-reduce issued."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = sharded_model(dtype=torch.float64)
+    opt = dist_optim.LBFGS(net.parameters(), **kw)
+    x, y = global_batch(0, world)
+    x, y = rank_slice(x.double(), rank, world), rank_slice(y.double(), rank, world)
+    calls = []
+    real = dist.all_reduce
+
+    def counting(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(net, x, y)
+        loss.backward()
+        return loss
+
+    losses = []
+    dist.all_reduce = counting
+    try:
+        for i in range(steps):
+            if resume_after is not None and i == resume_after:  # rebuild from state_dict mid-run
+                saved = opt.state_dict()
+                opt = dist_optim.LBFGS(net.parameters(), **kw)
+                opt.load_state_dict(saved)
+            losses.append(float(opt.step(closure)))
+    finally:
+        dist.all_reduce = real
+    evals = opt.state[opt._params[0]]["func_evals"]
+    return full_params(net), losses, evals, len(calls)

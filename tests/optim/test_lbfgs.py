@@ -1,0 +1,158 @@
+"""L-BFGS in one process equals torch.optim.LBFGS (both line-search modes) on convex problems, finds
+Rosenbrock's minimum, resumes from its state_dict, and refuses bad input.
+
+The same algorithm computes in another order (float64 inner products and one combination for the
+direction, where torch runs fp32 vector ops), so: in float64, params and losses agree to rtol 1e-9;
+in fp32 to atol 2e-5 — torch's own fp32 recursion moves the iterates by ulps times the problem's
+condition number (~40 for the quadratic). Trajectories stop before the noise floor: once converged,
+tests such as "the fp32 loss did not change" flip on ulp differences, so there the test is that
+both reach the same minimum.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dist_optim
+
+
+def logistic_problem(seed=0, n=200, dim=10, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, dim, generator=gen, dtype=dtype)
+    y = (x @ torch.randn(dim, generator=gen, dtype=dtype) + 0.3 * torch.randn(n, generator=gen, dtype=dtype) > 0).to(dtype)
+
+    def loss(params):
+        w, b = params
+        return torch.nn.functional.binary_cross_entropy_with_logits(x @ w + b, y) + 0.01 * (w * w).sum()
+
+    return loss, [torch.zeros(dim, dtype=dtype), torch.zeros(1, dtype=dtype)]
+
+
+def quadratic_problem(seed=1, dim=12, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(dim, dim, generator=gen, dtype=dtype)
+    h = a @ a.t() / dim + 0.1 * torch.eye(dim, dtype=dtype)
+    c = torch.randn(dim, generator=gen, dtype=dtype)
+
+    def loss(params):
+        (x,) = params
+        return 0.5 * x @ h @ x - c @ x
+
+    return loss, [torch.zeros(dim, dtype=dtype)]
+
+
+def run(cls, problem, steps, **kw):
+    loss_fn, init = problem
+    params = [p.clone().requires_grad_() for p in init]
+    opt = cls(params, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure)) for _ in range(steps)]
+    return params, losses, opt
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, dict(rtol=1e-9, atol=1e-12)), (torch.float32, dict(rtol=1e-5, atol=2e-5))])
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize(
+    "problem,kw",
+    [
+        (logistic_problem, dict(lr=1, max_iter=3, history_size=5)),
+        (logistic_problem, dict(lr=0.5, max_iter=2, history_size=2)),  # the history wraps around
+        (quadratic_problem, dict(lr=1, max_iter=3, history_size=100)),
+        (quadratic_problem, dict(lr=0.8, max_iter=2, history_size=2)),
+    ],
+)
+def test_equals_torch_lbfgs(problem, kw, line_search_fn, dtype, tol):
+    ours, our_losses, opt = run(dist_optim.LBFGS, problem(dtype=dtype), 4, line_search_fn=line_search_fn, **kw)
+    theirs, their_losses, ref = run(torch.optim.LBFGS, problem(dtype=dtype), 4, line_search_fn=line_search_fn, **kw)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, **tol)
+    assert our_losses == pytest.approx(their_losses, rel=tol["rtol"], abs=tol["atol"])
+    first = opt._params[0]
+    assert opt.state[first]["func_evals"] == ref.state[ref._params[0]]["func_evals"]
+    assert opt.state[first]["n_iter"] == ref.state[ref._params[0]]["n_iter"]
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("problem", [logistic_problem, quadratic_problem])
+def test_long_runs_reach_torchs_minimum(problem, line_search_fn):
+    kw = dict(lr=1, max_iter=20, history_size=10, line_search_fn=line_search_fn)
+    ours, _, _ = run(dist_optim.LBFGS, problem(), 5, **kw)
+    theirs, _, _ = run(torch.optim.LBFGS, problem(), 5, **kw)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # both at the fp32 minimum, to its conditioning
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_rosenbrock_converges_to_one_one(line_search_fn):
+    xy = torch.tensor([-1.5, 2.0], requires_grad=True)
+    opt = dist_optim.LBFGS([xy], lr=1 if line_search_fn else 0.1, max_iter=200, history_size=10,
+                           line_search_fn=line_search_fn, tolerance_grad=1e-10, tolerance_change=1e-12)
+
+    def closure():
+        opt.zero_grad()
+        loss = (1 - xy[0]) ** 2 + 100 * (xy[1] - xy[0] ** 2) ** 2
+        loss.backward()
+        return loss
+
+    for _ in range(20 if line_search_fn else 60):
+        opt.step(closure)
+    torch.testing.assert_close(xy.detach(), torch.ones(2), rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_state_dict_resume_continues_the_same_trajectory(line_search_fn):
+    kw = dict(lr=1, max_iter=3, history_size=4, line_search_fn=line_search_fn)
+    full, full_losses, _ = run(dist_optim.LBFGS, logistic_problem(), 6, **kw)
+    half, _, opt = run(dist_optim.LBFGS, logistic_problem(), 3, **kw)
+    saved_params, saved = [p.detach().clone() for p in half], copy.deepcopy(opt.state_dict())
+
+    loss_fn, _ = logistic_problem()
+    params = [p.clone().requires_grad_() for p in saved_params]
+    resumed = dist_optim.LBFGS(params, **kw)
+    resumed.load_state_dict(saved)
+
+    def closure():
+        resumed.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        return loss
+
+    losses = [float(resumed.step(closure)) for _ in range(3)]
+    for a, b in zip(params, full):
+        assert torch.equal(a, b)
+    assert losses == full_losses[3:]
+
+
+@pytest.mark.parametrize(
+    "kw,message",
+    [
+        (dict(lr=0), "lr: 0"),
+        (dict(lr=-1.0), "lr: -1.0"),
+        (dict(history_size=0), "history_size: 0"),
+        (dict(max_iter=0), "max_iter: 0"),
+        (dict(max_eval=0), "max_eval: 0"),
+        (dict(tolerance_grad=-1.0), "tolerance_grad: -1.0"),
+        (dict(line_search_fn="armijo"), "line_search_fn: 'armijo'"),
+        (dict(backend="cuda"), "backend: 'cuda'"),
+    ],
+)
+def test_bad_input(kw, message):
+    with pytest.raises(ValueError, match=message):
+        dist_optim.LBFGS([torch.zeros(2, requires_grad=True)], **kw)
+
+
+def test_step_without_closure_and_several_groups_are_refused():
+    p = torch.zeros(2, requires_grad=True)
+    with pytest.raises(ValueError, match="closure"):
+        dist_optim.LBFGS([p]).step()
+    with pytest.raises(ValueError, match="one param group"):
+        dist_optim.LBFGS([{"params": [p]}, {"params": [torch.zeros(1, requires_grad=True)]}])
