@@ -21,6 +21,11 @@ import torch
 from ._common import resolve_backend
 
 
+def _triton(backend: str, g: torch.Tensor) -> bool:
+    """The kernels take fp32 vectors; fp64 runs, empty shards and empty histories stay on the torch path."""
+    return g.dtype == torch.float32 and g.numel() > 0 and resolve_backend(backend, [g]) == "triton"
+
+
 def two_loop(
     rows: Sequence[int],
     SY: torch.Tensor,
@@ -60,7 +65,7 @@ def combine(
         wy[i] = c
     for i, c in c_s.items():
         ws[i] = c
-    if resolve_backend(backend, [g]) == "triton" and g.numel():
+    if _triton(backend, g):
         import triton_kernels.lbfgs as kernels
 
         return kernels.combine(g, Y, S, c_g, wy, ws)
@@ -69,8 +74,9 @@ def combine(
 
 
 def history_dots(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, *, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
-    """(S g, Y g): every history row against g, batched."""
-    if resolve_backend(backend, [g]) == "triton" and g.numel():
+    """(S g, Y g): every history row against g — a vector, or the columns of an (n, k) matrix —
+    each history matrix read once."""
+    if _triton(backend, g) and S.shape[0] > 0:
         import triton_kernels.lbfgs as kernels
 
         return kernels.history_dots(g, Y, S)

@@ -149,12 +149,13 @@ class LBFGS(Optimizer):
             yc = gc - g_prev[:c]
             sums += [gc @ dc, t * (yc @ dc), yc @ yc, t * (gc @ dc), yc @ gc]
         if hist is not None:
-            S, Y = hist
-            Sg, Yg = history_dots(gc, Y[:, :c], S[:, :c], backend=self.backend)
-            sums += [Sg, Yg]
+            S, Y, k = hist
+            vectors = [gc, yc, t * dc] if paired else [gc]
+            # Only the k filled rows, one product per history matrix: S and Y are each read once.
+            Sv, Yv = history_dots(torch.stack(vectors, dim=1), Y[:k, :c], S[:k, :c], backend=self.backend)
+            sums += [Sv[:, 0], Yv[:, 0]]
             if paired:
-                Sy, Yy = history_dots(yc, Y[:, :c], S[:, :c], backend=self.backend)
-                sums += [Sy, Yy, t * (Y[:, :c] @ dc)]
+                sums += [Sv[:, 1], Yv[:, 1], Yv[:, 2]]
         totals, maxima = self._reduce(sums, local_max)
         ev = _Eval(loss=loss, f=totals[0] / self._reduce.world, g=g, gg=totals[1], g_abs_sum=totals[2],
                    g_max=maxima[0], d_max=maxima[1])
@@ -163,11 +164,13 @@ class LBFGS(Optimizer):
             ev.gd, ev.ys, ev.yy, ev.sg, ev.yg = rest[:5]
             rest = rest[5:]
         if hist is not None:
-            m = hist[0].shape[0]
-            vectors = torch.tensor(rest, dtype=torch.float64).view(-1, m)
-            ev.Sg, ev.Yg = vectors[0].clone(), vectors[1].clone()
+            m, k = hist[0].shape[0], hist[2]
+            vectors = torch.zeros(5 if paired else 2, m, dtype=torch.float64)
+            if k:
+                vectors[:, :k] = torch.tensor(rest, dtype=torch.float64).view(-1, k)
+            ev.Sg, ev.Yg = vectors[0], vectors[1]
             if paired:
-                ev.Sy, ev.Yy, ev.Ys = vectors[2].clone(), vectors[3].clone(), vectors[4].clone()
+                ev.Sy, ev.Yy, ev.Ys = vectors[2], vectors[3], vectors[4]
         return ev
 
     # --- the step ------------------------------------------------------------------------------------
@@ -178,6 +181,11 @@ class LBFGS(Optimizer):
         state["YY"] = torch.zeros(m, m, dtype=torch.float64)
         state["rows"] = []
         state["H_diag"] = 1.0
+
+    @staticmethod
+    def _hist(state: dict):
+        """(S, Y, rows in use): rows fill from 0 and, once full, are reused in place."""
+        return (state["S"], state["Y"], len(state["rows"])) if "S" in state else None
 
     @staticmethod
     def _append(state: dict, ev: _Eval, d: torch.Tensor, t: float, g_prev: torch.Tensor) -> None:
@@ -211,7 +219,7 @@ class LBFGS(Optimizer):
         state.setdefault("func_evals", 0)
         state.setdefault("n_iter", 0)
         d, t, g_prev, prev_loss = state.get("d"), state.get("t"), state.get("prev_flat_grad"), state.get("prev_loss")
-        hist = (state["S"], state["Y"]) if "S" in state else None
+        hist = self._hist(state)
 
         ev = self._evaluate(closure, d, t, g_prev, hist)
         first = ev
@@ -236,7 +244,7 @@ class LBFGS(Optimizer):
                 c_g, c_y, c_s, gtd = two_loop(state["rows"], state["SY"], state["YY"], ev.Sg, ev.Yg, ev.gg, state["H_diag"])
                 coeffs = (c_g, c_y, c_s)
             d = combine(ev.g, state["Y"], state["S"], *coeffs, backend=self.backend)
-            hist = (state["S"], state["Y"])
+            hist = self._hist(state)
             g_prev = ev.g.clone()
             prev_loss = ev.f
             t = min(1.0, 1.0 / ev.g_abs_sum) * lr if state["n_iter"] == 1 else lr

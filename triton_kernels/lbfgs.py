@@ -1,0 +1,76 @@
+"""L-BFGS's vector work in single passes over the history: every history row's dot product with
+the gradient, and the direction as one linear combination of the gradient and the history rows.
+
+Each program owns a slice of columns and walks all rows, so S, Y and g are each read once; the dot
+products are written as per-slice partials and summed by torch in a fixed order (no atomics).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._support import interpreting
+
+BLOCK = 64 if interpreting() else 2048
+
+
+@triton.jit
+def _dots_kernel(V, H, OUT, n, rows, row_stride, NVEC: tl.constexpr, BLOCK: tl.constexpr):
+    # OUT[r, j, chunk] = H[r, chunk] . V[j, chunk]; each history row is read once for all NVEC vectors.
+    chunk = tl.program_id(0)
+    chunks = tl.num_programs(0)
+    offs = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    for r in range(0, rows):
+        h = tl.load(H + r * row_stride + offs, mask=mask, other=0.0)
+        for j in tl.static_range(NVEC):
+            v = tl.load(V + j * n + offs, mask=mask, other=0.0)
+            tl.store(OUT + (r * NVEC + j) * chunks + chunk, tl.sum(h * v, axis=0))
+
+
+@triton.jit
+def _combine_kernel(G, Y, S, WY, WS, D, n, rows, row_stride, c_g, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    acc = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * c_g
+    for r in range(0, rows):
+        wy = tl.load(WY + r)
+        ws = tl.load(WS + r)
+        acc += wy * tl.load(Y + r * row_stride + offs, mask=mask, other=0.0)
+        acc += ws * tl.load(S + r * row_stride + offs, mask=mask, other=0.0)
+    tl.store(D + offs, acc, mask=mask)
+
+
+def _check(g: torch.Tensor, *rows: torch.Tensor) -> None:
+    if g.dtype != torch.float32 or any(r.dtype != torch.float32 for r in rows):
+        raise ValueError("the L-BFGS kernels take fp32 vectors (fp64 runs use the torch path)")
+    if not g.is_contiguous() or any(r.stride(1) != 1 or r.shape[1] != g.numel() for r in rows):
+        raise ValueError("history rows must be contiguous and as long as the gradient")
+
+
+def history_dots(v: torch.Tensor, Y: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S v, Y v) for a vector v or the columns of an (n, r) matrix, with row-major histories whose
+    rows may be longer than n (a column slice)."""
+    vectors = (v.reshape(-1, 1) if v.dim() == 1 else v).t().contiguous()  # (r, n)
+    _check(vectors[0], Y, S)
+    nvec, n = vectors.shape
+    m = S.shape[0]
+    chunks = triton.cdiv(n, BLOCK)
+    out = []
+    for H in (S, Y):
+        partial = torch.empty(m, nvec, chunks, dtype=torch.float32, device=v.device)
+        _dots_kernel[(chunks,)](vectors, H, partial, n, m, H.stride(0), NVEC=nvec, BLOCK=BLOCK)
+        dots = partial.sum(dim=2)
+        out.append(dots[:, 0] if v.dim() == 1 else dots)
+    return out[0], out[1]
+
+
+def combine(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, wy: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
+    """c_g g + wy @ Y + ws @ S."""
+    _check(g, Y, S)
+    n = g.numel()
+    d = torch.empty_like(g)
+    _combine_kernel[(triton.cdiv(n, BLOCK),)](g, Y, S, wy, ws, d, n, Y.shape[0], Y.stride(0), float(c_g), BLOCK=BLOCK)
+    return d
