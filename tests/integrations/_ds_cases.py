@@ -1,0 +1,133 @@
+"""What the DeepSpeed tests run on each rank (gloo, DS_ACCELERATOR=cpu), and their references."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.distributed._fsdp_cases import PER_RANK, global_batch, loss_fn, model, rank_slice
+
+OPT_SPECS = {
+    "AdamW": {"type": "dist_optim.AdamW", "params": {"lr": 0.01, "betas": [0.9, 0.99], "weight_decay": 0.1}},
+    "Ranger": {"type": "dist_optim.Ranger", "params": {"lr": 0.01, "k": 3, "alpha": 0.3}},
+    "SGD": {"type": "dist_optim.SGD", "params": {"lr": 0.05, "momentum": 0.9, "nesterov": True}},
+    "RAdam": {"type": "dist_optim.RAdam", "params": {"lr": 0.01, "rho_threshold": 4.0}},
+    "Adagrad": {"type": "dist_optim.Adagrad", "params": {"lr": 0.05}},
+    "RMSprop": {"type": "dist_optim.RMSprop", "params": {"lr": 0.01, "momentum": 0.5, "centered": True}},
+    "Lookahead(AdamW)": {"type": "dist_optim.Lookahead", "params": {
+        "optimizer": {"type": "AdamW", "params": {"lr": 0.01}}, "k": 2, "alpha": 0.4}},
+}
+
+
+def ds_config(stage: int, spec: dict | None, *, clipping: float = 0.0, **extra) -> dict:
+    zero = {"stage": stage}
+    if stage == 3:
+        zero.update(sub_group_size=8, stage3_param_persistence_threshold=0)  # several sub-groups per rank
+    cfg = {
+        "train_micro_batch_size_per_gpu": PER_RANK,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": zero,
+        "gradient_clipping": clipping,
+        "steps_per_print": 10**9,
+        **extra,
+    }
+    if spec is not None:
+        cfg["optimizer"] = spec
+    return cfg
+
+
+def full_params(engine) -> list[torch.Tensor]:
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, enabled=hasattr(params[0], "ds_id")):
+        return [p.detach().clone() for p in params]
+
+
+def train(engine, steps: int, start: int = 0, nan_at: int | None = None) -> None:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    for step in range(start, start + steps):
+        x, y = global_batch(step, world)
+        loss = loss_fn(engine, rank_slice(x, rank, world), rank_slice(y, rank, world))
+        if step == nan_at and rank == world - 1:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+
+
+def run_zero(stage: int, name: str, steps: int, **cfg):
+    import dist_optim.deepspeed
+
+    engine, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS[name], **cfg))
+    train(engine, steps)
+    return full_params(engine)
+
+
+def run_client_optimizer(stage: int, steps: int):
+    """deepspeed.initialize itself with our optimizer: importing dist_optim.deepspeed is enough."""
+    import deepspeed
+
+    import dist_optim
+    import dist_optim.deepspeed  # noqa: F401 (marks our optimizers ZeRO-supported)
+
+    net = model()
+    opt = dist_optim.Ranger(net.parameters(), lr=0.01, k=3, alpha=0.3)
+    engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None))
+    train(engine, steps)
+    return full_params(engine)
+
+
+def run_clipping(stage: int, steps: int, max_norm: float):
+    import dist_optim
+    import dist_optim.deepspeed
+
+    net = model()
+    opt = dist_optim.AdamW(net.parameters(), lr=0.01, max_grad_norm=max_norm)
+    engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None))
+    train(engine, steps)
+    return full_params(engine), engine.config["gradient_clipping"] if isinstance(engine.config, dict) else None
+
+
+def run_nan(stage: int):
+    import dist_optim.deepspeed
+
+    engine, opt, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS["Ranger"]))
+    train(engine, 2)
+    before = full_params(engine)
+    train(engine, 1, start=2, nan_at=2)
+    after = full_params(engine)
+    return all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def run_checkpoint(stage: int, name: str, root: str, steps: int, then: int, resume: bool):
+    """Train ``steps``, save; then either continue ``then`` steps, or (resume) load into a fresh
+    engine built from another seed and continue ``then`` steps."""
+    import dist_optim.deepspeed
+
+    engine, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS[name]))
+    if not resume:
+        train(engine, steps)
+        engine.save_checkpoint(root, tag="ckpt")
+    else:
+        engine2, *_ = dist_optim.deepspeed.initialize(model=model(seed=7), config=ds_config(stage, OPT_SPECS[name]))
+        engine2.load_checkpoint(root, tag="ckpt")
+        engine = engine2
+    train(engine, then, start=steps)
+    return full_params(engine)
+
+
+def reference(name: str, steps: int, world: int, **opt_kw):
+    """One process, our optimizer on the plain model, the whole batch."""
+    from tests.integrations._ds_cases import OPT_SPECS as specs
+    import dist_optim.deepspeed
+
+    net = model()
+    opt = dist_optim.deepspeed.build_from_config(specs[name], net.parameters())
+    for k, v in opt_kw.items():
+        setattr(opt, k, v)
+    for step in range(steps):
+        x, y = global_batch(step, world)
+        loss_fn(net, x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return [p.detach() for p in net.parameters()]

@@ -1,0 +1,117 @@
+"""Our optimizers under DeepSpeed ZeRO-1/2/3 at world 2 (gloo, DS_ACCELERATOR=cpu) equal one process;
+the ds_config plug-in and the client-optimizer paths; clipping ownership; non-finite agreement;
+checkpoints resume bit-identically; config errors are clear.
+
+Tolerance against one process: rtol 1e-5 / atol 1e-6 (gradient reduction order, as for FSDP2).
+ZeRO-3 runs with sub_group_size=8, so each rank's partition spans several sub-groups and step()
+is called several times per global step.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed")
+
+import dist_optim  # noqa: E402
+import dist_optim.deepspeed as dod  # noqa: E402
+from tests.integrations import _ds_cases as cases  # noqa: E402
+from tests.multiproc import world_fixture  # noqa: E402
+
+WORLD = 2
+TOL = dict(rtol=1e-5, atol=1e-6)
+world = world_fixture(WORLD)
+
+
+def assert_equal_reference(results, ref):
+    for params in results:
+        for a, b in zip(params, ref):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("name", sorted(cases.OPT_SPECS))
+def test_every_optimizer_under_every_zero_stage_equals_one_process(world, stage, name):
+    results = world.run(cases.run_zero, stage, name, 5)
+    assert_equal_reference(results, cases.reference(name, 5, WORLD))
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_client_optimizer_path_needs_no_untested_flag(world, stage):
+    results = world.run(cases.run_client_optimizer, stage, 4)
+    assert_equal_reference(results, cases.reference("Ranger", 4, WORLD))
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_max_grad_norm_equals_clip_grad_norm_and_applies_once(world, stage):
+    results = world.run(cases.run_clipping, stage, 4, 0.05)
+    net = cases.model()
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    for step in range(4):
+        x, y = cases.global_batch(step, WORLD)
+        cases.loss_fn(net, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+    assert_equal_reference([r[0] for r in results], [p.detach() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_nan_on_one_rank_skips_the_step_everywhere(world, stage):
+    assert world.run(cases.run_nan, stage) == [True] * WORLD
+
+
+@pytest.mark.parametrize("stage,name", [(2, "Ranger"), (3, "Ranger"), (1, "AdamW")])
+def test_checkpoint_resume_continues_bit_identically(world, tmp_path, stage, name):
+    root = str(tmp_path / "ds")
+    straight = world.run(cases.run_checkpoint, stage, name, root, 3, 3, False)
+    resumed = world.run(cases.run_checkpoint, stage, name, root, 3, 3, True)
+    for a_params, b_params in zip(straight, resumed):
+        for a, b in zip(a_params, b_params):
+            assert torch.equal(a, b)
+
+
+# --- configuration, no processes needed ------------------------------------------------------------
+
+def _params():
+    return [torch.nn.Parameter(torch.zeros(3))]
+
+
+def test_ds_config_lists_become_tuples_and_types_resolve():
+    opt = dod.build_from_config({"type": "dist_optim.Ranger", "params": {"betas": [0.9, 0.99], "k": 4}}, _params())
+    assert isinstance(opt, dist_optim.Ranger) and opt.param_groups[0]["betas"] == (0.9, 0.99)
+    la = dod.build_from_config(
+        {"type": "dist_optim.Lookahead", "params": {"optimizer": {"type": "RAdam", "params": {"lr": 0.1}}, "k": 3}}, _params()
+    )
+    assert isinstance(la, dist_optim.Lookahead) and isinstance(la.optimizer, dist_optim.RAdam) and la.k == 3
+
+
+def test_unknown_type_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"Invalid optimizer type: 'dist_optim.Adamax' \(valid: dist_optim.SGD, .*dist_optim.Lookahead\)"):
+        dod.build_from_config({"type": "dist_optim.Adamax"}, _params())
+
+
+def test_lbfgs_is_refused_with_the_reason():
+    with pytest.raises(ValueError, match="takes no closure"):
+        dod.prepare({}, dist_optim.LBFGS(_params()), None)
+    with pytest.raises(ValueError, match="takes no closure"):
+        dod.build_from_config({"type": "dist_optim.LBFGS"}, _params())
+
+
+def test_both_clippings_are_refused():
+    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="gradient_clipping: 0.5 together with max_grad_norm=1.0"):
+        dod.prepare({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}, opt, None)
+
+
+@pytest.mark.parametrize("stage,ds_clip,ours", [(2, 0.0, 1.0), (3, 1.0, None), (0, 0.0, 1.0)])
+def test_clipping_has_one_owner_per_stage(stage, ds_clip, ours):
+    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
+    config, _ = dod.prepare({"zero_optimization": {"stage": stage}}, opt, None)
+    assert config["gradient_clipping"] == ds_clip and opt.max_grad_norm == ours
+
+
+def test_without_our_clipping_deepspeeds_config_stands():
+    config, _ = dod.prepare({"zero_optimization": {"stage": 2}}, dist_optim.AdamW(_params()), None)
+    assert "gradient_clipping" not in config
