@@ -57,6 +57,9 @@ def _worker(rank: int, world: int, init_file: str, cfg: TrainConfig, resume: boo
     from .train.loop import train
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # as a launcher would
+    if cfg.device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if cfg.device == "cuda":
         torch.cuda.set_device(rank % torch.cuda.device_count())
     backend = "nccl" if cfg.device == "cuda" else "gloo"

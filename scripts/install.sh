@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs dist-optim into the current Python environment.
 #   bash scripts/install.sh          # the package and what the main job needs
-#   bash scripts/install.sh dev      # ... plus the test tools
+#   bash scripts/install.sh dev      # ... plus the test tools, DeepSpeed and accelerate
 # torch is installed first and explicitly, so that pip never resolves an unpinned torch (which on
 # PyPI is a multi-GB CUDA build). Without a GPU we take the CPU build: from a local wheel cache
 # when one is configured, else from PyTorch's CPU index.
@@ -22,5 +22,10 @@ else
 fi
 
 extras=""
-[ "${1:-}" = "dev" ] && extras="[dev]"
+if [ "${1:-}" = "dev" ]; then
+    extras="[dev]"
+    # DeepSpeed ships as a source distribution whose build imports torch: build it against the torch
+    # installed above, never in an isolated environment (which would fetch a CUDA torch).
+    pip_install --no-build-isolation "deepspeed==${DIST_OPTIM_DEEPSPEED_VERSION:-0.19.8}"
+fi
 pip_install -e ".${extras}"

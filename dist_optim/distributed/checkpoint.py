@@ -44,13 +44,30 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def commit(root: Path, tmp: Path, final: Path, extra: dict, keep: int) -> None:
+    """Rank 0, after every rank has written ``tmp``: record ``extra``, move ``tmp`` into place,
+    point ``latest`` at it (atomically) and drop all but the newest ``keep`` checkpoints."""
+    _write_atomic(tmp / EXTRA, json.dumps(extra))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _write_atomic(root / LATEST, final.name)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def paths(root: str | os.PathLike, step: int) -> tuple[Path, Path, Path]:
+    """(root, the step's hidden temporary folder, its final folder)."""
+    root = Path(root)
+    return root, root / f".tmp_step_{step:08d}", root / f"step_{step:08d}"
+
+
 def save_checkpoint(
     root: str | os.PathLike, model: torch.nn.Module, optimizer: Any, *, step: int, extra: dict | None = None, keep: int = 2
 ) -> Path:
     """Save ``model`` and ``optimizer`` (every rank calls this) as ``root/step_<step>``; ``extra`` is a
     JSON-able dict (data position, RNG seeds, ...). Keeps the newest ``keep`` checkpoints."""
-    root = Path(root)
-    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
+    root, tmp, final = paths(root, step)
     if _is_writer():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -59,13 +76,7 @@ def save_checkpoint(
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     _barrier()
     if _is_writer():
-        _write_atomic(tmp / EXTRA, json.dumps({"step": step, **(extra or {})}))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_atomic(root / LATEST, final.name)
-        for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
+        commit(root, tmp, final, {"step": step, **(extra or {})}, keep)
     _barrier()
     return final
 

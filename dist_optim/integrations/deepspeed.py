@@ -139,3 +139,30 @@ def initialize(*, model: Any, config: Any = None, optimizer: Any = None, model_p
         # are replicated and local statistics are already global).
         base.process_group = opt.dp_process_group
     return engine, opt, loader, sched
+
+
+def save_checkpoint_atomic(engine: Any, root: str, step: int, *, extra: dict | None = None, keep: int = 2) -> Path:
+    """``engine.save_checkpoint`` into the layout of dist_optim.distributed.checkpoint: written under
+    a hidden temporary tag, moved into place once every rank has finished, then ``latest`` (which
+    DeepSpeed's ``load_checkpoint(root)`` also reads) replaced atomically. A crash mid-save leaves
+    the previous checkpoint and ``latest`` as they were."""
+    import torch.distributed as dist
+
+    from ..distributed import checkpoint as ckpt
+
+    root_path, tmp, final = ckpt.paths(root, step)
+    engine.save_checkpoint(str(root_path), tag=tmp.name, save_latest=False)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        ckpt.commit(root_path, tmp, final, {"step": step, **(extra or {})}, keep)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(engine: Any, path: str) -> dict:
+    """Load a checkpoint folder written by ``save_checkpoint_atomic``; returns its ``extra``."""
+    from ..distributed.checkpoint import checkpoint_extra
+
+    folder = Path(path)
+    engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    return checkpoint_extra(folder)

@@ -27,7 +27,11 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy,optimizer", [("ddp", "adamw"), ("fsdp2", "ranger"), ("single", "lookahead-sgd")])
+@pytest.mark.parametrize(
+    "strategy,optimizer",
+    [("ddp", "adamw"), ("fsdp2", "ranger"), ("single", "lookahead-sgd"), ("zero1", "radam"), ("zero2", "adamw"),
+     ("zero3", "lookahead-adam")],
+)
 def test_train_smoke_learns_and_writes_everything(tmp_path, strategy, optimizer):
     out = tmp_path / "run"
     nproc = "1" if strategy == "single" else "2"
@@ -42,9 +46,10 @@ def test_train_smoke_learns_and_writes_everything(tmp_path, strategy, optimizer)
     assert latest_checkpoint(out / "checkpoint").name == "step_00000024"
 
 
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("strategy", ["fsdp2", "zero2"])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, strategy):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
-    cli("train", "--optimizer", "ranger", "--strategy", "fsdp2", "--nproc", "2", "--out", str(full), *SMALL)
+    cli("train", "--optimizer", "ranger", "--strategy", strategy, "--nproc", "2", "--out", str(full), *SMALL)
     # The crashed run is the full run as it stood at its step-12 checkpoint.
     shutil.copytree(full, crashed)
     shutil.rmtree(crashed / "checkpoint" / "step_00000024")
