@@ -19,12 +19,12 @@ OPT_SPECS = {
 }
 
 
-def ds_config(stage: int, spec: dict | None, *, clipping: float = 0.0, **extra) -> dict:
+def ds_config(stage: int, spec: dict | None, *, clipping: float = 0.0, train_micro_batch_size_per_gpu: int = PER_RANK, **extra) -> dict:
     zero = {"stage": stage}
     if stage == 3:
         zero.update(sub_group_size=8, stage3_param_persistence_threshold=0)  # several sub-groups per rank
     cfg = {
-        "train_micro_batch_size_per_gpu": PER_RANK,
+        "train_micro_batch_size_per_gpu": train_micro_batch_size_per_gpu,
         "gradient_accumulation_steps": 1,
         "zero_optimization": zero,
         "gradient_clipping": clipping,
@@ -131,3 +131,31 @@ def reference(name: str, steps: int, world: int, **opt_kw):
         opt.step()
         opt.zero_grad()
     return [p.detach() for p in net.parameters()]
+
+
+def run_universal_save(name: str, root: str, steps: int, then: int):
+    import dist_optim.deepspeed
+
+    engine, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(2, OPT_SPECS[name]))
+    train(engine, steps)
+    engine.save_checkpoint(root, tag="saved")
+    train(engine, then, start=steps)
+    return full_params(engine)
+
+
+def run_universal_load(name: str, universal: str, start: int, then: int, saved_world: int):
+    """A ZeRO-2 engine at this world size, filled from the universal folder, continuing on the global
+    batches the saving run used (so the trajectories are comparable)."""
+    import dist_optim.deepspeed
+    from dist_optim.integrations.ds_universal import load_universal
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per_rank = PER_RANK * saved_world // world
+    cfg = ds_config(2, OPT_SPECS[name], train_micro_batch_size_per_gpu=per_rank)
+    engine, *_ = dist_optim.deepspeed.initialize(model=model(seed=11), config=cfg)
+    load_universal(engine, universal)
+    for step in range(start, start + then):
+        x, y = global_batch(step, saved_world)
+        engine.backward(loss_fn(engine, rank_slice(x, rank, world), rank_slice(y, rank, world)))
+        engine.step()
+    return full_params(engine)

@@ -115,3 +115,28 @@ def test_clipping_has_one_owner_per_stage(stage, ds_clip, ours):
 def test_without_our_clipping_deepspeeds_config_stands():
     config, _ = dod.prepare({"zero_optimization": {"stage": 2}}, dist_optim.AdamW(_params()), None)
     assert "gradient_clipping" not in config
+
+
+world1 = world_fixture(1)
+
+
+@pytest.mark.parametrize("name", ["Ranger", "SGD", "RMSprop"])
+def test_zero2_world2_checkpoint_resumes_at_world1_through_the_universal_form(world, world1, tmp_path, name):
+    """Slow weights, momentum buffers, centred averages and the counters all cross the resharding;
+    tolerance as for one process (the world-1 run reduces gradients in another order)."""
+    from dist_optim.integrations.ds_universal import ds_to_universal
+
+    root = tmp_path / "ds"
+    uninterrupted = world.run(cases.run_universal_save, name, str(root), 3, 3)
+    ds_to_universal(root / "saved", tmp_path / "universal")
+    (resumed,) = world1.run(cases.run_universal_load, name, str(tmp_path / "universal"), 3, 3, WORLD)
+    for a, b in zip(uninterrupted[0], resumed):
+        torch.testing.assert_close(a, b, **TOL)
+
+
+def test_universal_refuses_a_zero3_checkpoint(world, tmp_path):
+    from dist_optim.integrations.ds_universal import ds_to_universal
+
+    world.run(cases.run_checkpoint, 3, "AdamW", str(tmp_path / "z3"), 1, 0, False)
+    with pytest.raises(ValueError, match="ZeRO stage 3"):
+        ds_to_universal(tmp_path / "z3" / "ckpt", tmp_path / "u")
