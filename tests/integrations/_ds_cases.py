@@ -159,3 +159,32 @@ def run_universal_load(name: str, universal: str, start: int, then: int, saved_w
         engine.backward(loss_fn(engine, rank_slice(x, rank, world), rank_slice(y, rank, world)))
         engine.step()
     return full_params(engine)
+
+
+def run_atomic_save_crash(root: str):
+    """Save at step 2, then crash inside the step-4 save: the step-2 checkpoint stays the latest and
+    loads; returns (latest name, params at step 2, params after loading)."""
+    import dist_optim.deepspeed as dod
+    from dist_optim.distributed.checkpoint import latest_checkpoint
+
+    engine, *_ = dod.initialize(model=model(), config=ds_config(2, OPT_SPECS["Ranger"]))
+    train(engine, 2)
+    dod.save_checkpoint_atomic(engine, root, 2)
+    at_two = full_params(engine)
+    train(engine, 2, start=2)
+    real = engine.save_checkpoint
+
+    def crashing(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt("killed during the save")
+
+    engine.save_checkpoint = crashing
+    try:
+        dod.save_checkpoint_atomic(engine, root, 4)
+    except KeyboardInterrupt:
+        pass
+    dist.barrier()
+    latest = latest_checkpoint(root)
+    fresh, *_ = dod.initialize(model=model(seed=5), config=ds_config(2, OPT_SPECS["Ranger"]))
+    extra = dod.load_checkpoint(fresh, str(latest))
+    return latest.name, extra["step"], at_two, full_params(fresh)

@@ -140,3 +140,17 @@ def test_universal_refuses_a_zero3_checkpoint(world, tmp_path):
     world.run(cases.run_checkpoint, 3, "AdamW", str(tmp_path / "z3"), 1, 0, False)
     with pytest.raises(ValueError, match="ZeRO stage 3"):
         ds_to_universal(tmp_path / "z3" / "ckpt", tmp_path / "u")
+
+
+def test_a_crash_mid_save_leaves_the_previous_checkpoint_loadable(world, tmp_path):
+    for name, step, at_two, loaded in world.run(cases.run_atomic_save_crash, str(tmp_path / "ds")):
+        assert (name, step) == ("step_00000002", 2)
+        for a, b in zip(at_two, loaded):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_world_1_equals_one_process(world1, stage):
+    (params,) = world1.run(cases.run_zero, stage, "Ranger", 4)
+    for a, b in zip(params, cases.reference("Ranger", 4, 1)):
+        torch.testing.assert_close(a, b, **TOL)
