@@ -51,17 +51,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(step, device: torch.device, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        step()
+def time_interleaved(steps: dict, device: torch.device, repeats: int, warmup: int = 3) -> dict[str, float]:
+    """Median step time per implementation, the implementations taking turns within each repeat so
+    that drift in the machine's speed (shared cores, frequency) hits them alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
     sync(device)
-    times = []
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for label, step in steps.items():
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(t) for label, t in times.items()}
 
 
 def variants(name: str, device: torch.device):
@@ -86,21 +90,19 @@ def run(sizes: list[int], repeats: int, device: torch.device, names: list[str]) 
     for numel in sizes:
         src = torch.empty(numel, device=device)
         dst = torch.empty_like(src)
-        copy_s = time_steps(lambda: dst.copy_(src), device, repeats)
+        copy_s = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
         copy_gbs = 2 * 4 * numel / copy_s / 1e9
         rows.append(dict(optimizer="copy", impl="device-to-device copy", numel=numel, ms=1e3 * copy_s, gbs=copy_gbs))
         for name in names:
             _, reads, writes = BASELINES[name]
-            results = {}
+            steps = {}
             for label, factory in variants(name, device):
-                params = make_params(numel, device)
                 try:
-                    step = factory(params)
+                    steps[label] = factory(make_params(numel, device))
                 except (RuntimeError, TypeError, ValueError) as err:  # e.g. a fused impl missing on this device
                     print(f"  skip {name} {label}: {err}")
-                    continue
-                results[label] = time_steps(step, device, repeats)
-                del params, step
+            results = time_interleaved(steps, device, repeats)
+            del steps
             ref = results.get("torch.optim foreach")
             for label, secs in results.items():
                 gbs = (reads + writes) * 4 * numel / secs / 1e9
@@ -123,7 +125,9 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Optimizer step throughput on {result['device']}",
         "",
-        f"torch {result['torch']}, median of {result['repeats']} steps; fp32 params split over {len(SPLIT)} tensors. "
+        f"torch {result['torch']}, median of {result['repeats']} steps, implementations timed in turn within each "
+        f"repeat; fp32 params split over {len(SPLIT)} tensors. dist_optim runs with nonfinite='apply' (no check "
+        "pass), as torch.optim does. "
         "GB/s counts the bytes a step must move (params, grads and state read, params and state written). "
         "`x foreach` is torch.optim foreach's time divided by this implementation's time (> 1 is faster); "
         "`of copy` is this GB/s over the device-to-device copy's GB/s in the same run.",

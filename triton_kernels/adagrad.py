@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, typed
+from ._jit import chunk_of, load_param_and_grad, typed
 
 
 @triton.jit
@@ -18,10 +18,7 @@ def _adagrad_kernel(P, G, S, NUMEL, CHUNK_T, CHUNK_S, clr, weight_decay, eps, gr
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
-        if HAS_WD:
-            g = g + weight_decay * p
+        p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
         s = tl.load(s_ptr + offs, mask=mask) + g * g
         tl.store(s_ptr + offs, s, mask=mask)
         p = p + (g * (-clr)) / (tl.sqrt(s) + eps)

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, lerp, typed
+from ._jit import chunk_of, moments, typed
 
 
 @triton.jit
@@ -22,17 +22,8 @@ def _radam_kernel(P, G, M, V, SLOW, NUMEL, CHUNK_T, CHUNK_S, lr, beta1, beta2, e
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
-        if HAS_WD:
-            if DECOUPLED:
-                p = p * (1.0 - lr * weight_decay)
-            else:
-                g = g + weight_decay * p
-        m = lerp(tl.load(m_ptr + offs, mask=mask), g, 1.0 - beta1, LERP_LOW)
-        v = tl.load(v_ptr + offs, mask=mask) * beta2 + (1.0 - beta2) * (g * g)
-        tl.store(m_ptr + offs, m, mask=mask)
-        tl.store(v_ptr + offs, v, mask=mask)
+        p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
+                          HAS_WD, DECOUPLED, LERP_LOW)
         if RECTIFIED:
             p = p + (-step_size) * (m / (tl.sqrt(v) + eps))
         else:

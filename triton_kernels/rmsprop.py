@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, lerp, typed
+from ._jit import chunk_of, lerp, load_param_and_grad, typed
 
 
 @triton.jit
@@ -19,10 +19,7 @@ def _rmsprop_kernel(P, G, SQ, GA, MB, NUMEL, CHUNK_T, CHUNK_S, lr, alpha, eps, w
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
-        if HAS_WD:
-            g = g + weight_decay * p
+        p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
         sq = tl.load(sq_ptr + offs, mask=mask) * alpha + (1.0 - alpha) * (g * g)
         tl.store(sq_ptr + offs, sq, mask=mask)
         if CENTERED:

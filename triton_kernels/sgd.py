@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, typed
+from ._jit import chunk_of, load_param_and_grad, typed
 
 
 @triton.jit
@@ -18,10 +18,7 @@ def _sgd_kernel(P, G, B, NUMEL, CHUNK_T, CHUNK_S, lr, momentum, dampening, weigh
     for off in range(0, CHUNK, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
         mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_scale
-        if HAS_WD:
-            g = g + weight_decay * p
+        p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
         if HAS_MOMENTUM:
             if FIRST:
                 b = g

@@ -17,6 +17,23 @@ import torch
 from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
 
 
+def moments(params, grads, states, *, lr, beta1, beta2, weight_decay, decoupled, grad_scale):
+    """The part Adam and RAdam share: weight decay (decoupled on the params or coupled into g), then
+    m = lerp(m, g, 1 - beta1) and v = beta2 v + (1 - beta2) g^2. Returns (fp32 params, m, v)."""
+    p32 = fp32_views(params)
+    g = scaled_grads(grads, grad_scale)
+    if weight_decay != 0.0:
+        if decoupled:
+            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
+        else:
+            g = list(torch._foreach_add(g, p32, alpha=weight_decay))
+    exp_avgs, exp_avg_sqs = list(states["exp_avg"]), list(states["exp_avg_sq"])
+    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    return p32, exp_avgs, exp_avg_sqs
+
+
 def adam_state_keys(amsgrad: bool) -> tuple[str, ...]:
     return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
 
@@ -49,17 +66,8 @@ def adam_step(
             bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale,
         )
         return
-    p32 = fp32_views(params)
-    g = scaled_grads(grads, grad_scale)
-    if weight_decay != 0.0:
-        if decoupled:
-            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-        else:
-            g = list(torch._foreach_add(g, p32, alpha=weight_decay))
-    exp_avgs, exp_avg_sqs = list(states["exp_avg"]), list(states["exp_avg_sq"])
-    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
+                                         weight_decay=weight_decay, decoupled=decoupled, grad_scale=grad_scale)
     if amsgrad:
         max_sqs = list(states["max_exp_avg_sq"])
         torch._foreach_maximum_(max_sqs, exp_avg_sqs)

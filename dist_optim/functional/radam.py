@@ -20,7 +20,8 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from ._common import Tensors, resolve_backend, write_back
+from .adam import moments
 from .lookahead import pull_and_reset
 
 STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
@@ -75,17 +76,8 @@ def radam_step(
             grad_scale=grad_scale,
         )
         return
-    p32 = fp32_views(params)
-    g = scaled_grads(grads, grad_scale)
-    if weight_decay != 0.0:
-        if decoupled:
-            torch._foreach_mul_(p32, 1.0 - lr * weight_decay)
-        else:
-            g = list(torch._foreach_add(g, p32, alpha=weight_decay))
-    exp_avgs, exp_avg_sqs = list(states["exp_avg"]), list(states["exp_avg_sq"])
-    torch._foreach_lerp_(exp_avgs, g, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, g, g, value=1.0 - beta2)
+    p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
+                                         weight_decay=weight_decay, decoupled=decoupled, grad_scale=grad_scale)
     if rectified:
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denom, eps)
