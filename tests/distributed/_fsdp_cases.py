@@ -251,3 +251,58 @@ def run_lbfgs(steps: int, resume_after: int | None = None, **kw):
         dist.all_reduce = real
     evals = opt.state[opt._params[0]]["func_evals"]
     return full_params(net), losses, evals, len(calls)
+
+
+def run_hsdp_norm(max_norm: float, steps: int):
+    """HSDP: a (replicate=world, shard=1) mesh, so every param is replicated across ranks. The global
+    norm must count each element once."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = model()
+    mesh = init_device_mesh("cpu", (world, 1), mesh_dim_names=("replicate", "shard"))
+    fully_shard(net, mesh=mesh)
+    opt = dist_optim.AdamW(net.parameters(), lr=0.01, max_grad_norm=max_norm, backend="torch")
+    norms = []
+    for step in range(steps):
+        x, y = global_batch(step, world)
+        loss_fn(net, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+        opt.step()
+        opt.zero_grad()
+        norms.append(opt.last_grad_norm)
+    return full_params(net), norms
+
+
+def run_replicated_beside_shards(extra_grad: list[float]):
+    """FSDP2 shards plus a plain param every rank holds (and whose grad every rank has) identically:
+    the norm counts it once."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = sharded_model()
+    extra = torch.nn.Parameter(torch.zeros(len(extra_grad)))
+    opt = dist_optim.SGD([*net.parameters(), extra], lr=0.0, max_grad_norm=1e9, backend="torch")
+    x, y = global_batch(0, world)
+    loss_fn(net, rank_slice(x, rank, world), rank_slice(y, rank, world)).backward()
+    extra.grad = torch.tensor(extra_grad)
+    opt.step()
+    return opt.last_grad_norm
+
+
+def run_ddp_accumulation(micro_steps: int, steps: int, per_rank: int):
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dist_optim.distributed.accumulation import GradientAccumulation
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = DistributedDataParallel(model())
+    opt = dist_optim.AdamW(net.parameters(), lr=0.01, backend="torch", max_grad_norm=0.5)
+    accum = GradientAccumulation(net, opt, micro_steps)
+    for step in range(steps):
+        mbs = [global_batch(step, world, micro=m, per_rank=per_rank) for m in range(micro_steps)]
+        mbs = [(rank_slice(x, rank, world), rank_slice(y, rank, world)) for x, y in mbs]
+        for window in accum.windows(mbs):
+            for (x, y), sync in accum.micro_batches(window):
+                with sync:
+                    loss_fn(net, x, y).backward()
+            accum.step()
+    return [p.detach().clone() for p in net.module.parameters()]

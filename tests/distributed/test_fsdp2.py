@@ -119,3 +119,44 @@ def test_checkpoint_saved_at_world_1_resumes_at_world_2(world, tmp_path, name):
     for rank_params in world.run(cases.run_resume, name, root, 3):
         for a, b in zip(rank_params, [p.detach() for p in net.parameters()]):
             torch.testing.assert_close(a, b, **TOL)
+
+
+def test_hsdp_replicas_count_once_in_the_global_norm(world):
+    results = world.run(cases.run_hsdp_norm, 0.05, 4)
+    ref = cases.model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    norms = []
+    for step in range(4):
+        x, y = cases.global_batch(step, WORLD)
+        cases.loss_fn(ref, x, y).backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)))
+        opt.step()
+        opt.zero_grad()
+    assert_all_ranks_equal_reference([r[0] for r in results], [p.detach() for p in ref.parameters()])
+    for _, rank_norms in results:
+        assert rank_norms == pytest.approx(norms, rel=1e-5)
+
+
+def test_a_replicated_param_beside_shards_counts_once(world):
+    extra = [3.0, 4.0]
+    norms = world.run(cases.run_replicated_beside_shards, extra)
+    ref = cases.model()
+    x, y = cases.global_batch(0, WORLD)
+    cases.loss_fn(ref, x, y).backward()
+    sharded_sq = sum(float(p.grad.square().sum()) for p in ref.parameters())
+    for norm in norms:
+        assert norm == pytest.approx((sharded_sq + 25.0) ** 0.5, rel=1e-5)
+
+
+def test_ddp_accumulation_equals_one_process_with_the_whole_batch(world):
+    micro, steps, per_rank = 3, 2, 2
+    results = world.run(cases.run_ddp_accumulation, micro, steps, per_rank)
+    ref = cases.model()
+    opt = torch.optim.AdamW(ref.parameters(), lr=0.01)
+    for step in range(steps):
+        xs, ys = zip(*(cases.global_batch(step, WORLD, micro=m, per_rank=per_rank) for m in range(micro)))
+        cases.loss_fn(ref, torch.cat(xs), torch.cat(ys)).backward()
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.5)
+        opt.step()
+        opt.zero_grad()
+    assert_all_ranks_equal_reference(results, [p.detach() for p in ref.parameters()])
