@@ -17,20 +17,21 @@ from dist_optim.cli import strategy_from_launcher
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
 
 
-def test_accelerate_launch_fsdp2_config_trains(tmp_path):
+@pytest.mark.parametrize("config,strategy", [("fsdp2.yaml", "fsdp2"), ("zero2.yaml", "zero2")])
+def test_accelerate_launch_config_trains(tmp_path, config, strategy):
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate is not installed (pip install 'dist-optim[accelerate]')")
     out = tmp_path / "acc"
     proc = subprocess.run(
-        [accelerate, "launch", "--config_file", str(LAUNCH / "accelerate" / "fsdp2.yaml"), str(LAUNCH / "train.py"),
+        [accelerate, "launch", "--config_file", str(LAUNCH / "accelerate" / config), str(LAUNCH / "train.py"),
          "--optimizer", "radam", "--steps", "12", "--warmup", "2", "--log-every", "4", "--batch-size", "4",
          "--context", "64", "--out", str(out)],
-        capture_output=True, text=True, timeout=600,
+        capture_output=True, text=True, timeout=600, cwd=LAUNCH.parent,  # the yaml names launch/deepspeed/... relative
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["strategy"], cfg["nproc"]) == ("fsdp2", 2)
+    assert (cfg["strategy"], cfg["nproc"]) == (strategy, 2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
 
