@@ -125,7 +125,6 @@ def worker(rank: int, world: int, init: str, numel: int, repeats: int, result_fi
         for label, step in (("dist_optim.AdamW(max_grad_norm) fused", fused), ("clip_grad_norm_ + torch.optim.AdamW", separate)):
             secs, calls, nbytes = measure(step, repeats, device)
             rows.append(dict(strategy=strategy, impl=label, ms=1e3 * secs, collectives=calls, bytes=nbytes))
-        del net, ours, theirs
     if rank == 0:
         Path(result_file).write_text(json.dumps(rows))
     dist.destroy_process_group()

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dist_optim
-from tests.optim._setup import clone_params, groups, make_params, run
+from tests.optim._setup import groups, make_params, run
 
 STEPS = 30
 REF_TOL = dict(rtol=1e-5, atol=1e-6)

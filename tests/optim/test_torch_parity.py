@@ -14,7 +14,7 @@ import torch
 
 import dist_optim
 from dist_optim.baselines import torch_equivalent
-from tests.optim._setup import clone_params, groups, make_params, run
+from tests.optim._setup import groups, make_params, run
 
 STEPS = 32
 TOL = dict(rtol=1e-6, atol=1e-7)
