@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..functional import grad_sumsq_and_flag
+from .collectives import active, device_for
 from .shard import is_dtensor, local_tensor
 
 
@@ -71,17 +72,8 @@ def global_grad_stats(grads: Sequence[torch.Tensor], process_group: Any, *, back
         replica_stats = grad_sumsq_and_flag(replicas, backend=backend)
         stats = stats.to(replica_stats.device)
         stats[1] += replica_stats[1]
-    if group is not None and dist.get_world_size(group) > 1:
-        device = _collective_device(group, stats.device)
-        stats = stats.to(device)
+    if group is not None and active(group):
+        stats = stats.to(device_for(group))
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     return stats
 
-
-def _collective_device(group: Any, current: torch.device) -> torch.device:
-    """gloo reduces CPU tensors, NCCL CUDA ones."""
-    if dist.get_backend(group) == "nccl" and current.type != "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    if dist.get_backend(group) == "gloo" and current.type != "cpu":
-        return torch.device("cpu")
-    return current

@@ -48,7 +48,3 @@ def scaled_grads(grads: Tensors, grad_scale: float) -> list[torch.Tensor]:
         return list(g32)
     return list(torch._foreach_mul(g32, grad_scale))
 
-
-def owns(grads: Tensors, originals: Tensors) -> bool:
-    """True when ``grads`` are temporaries we made (so in-place ops on them are allowed)."""
-    return not grads or grads[0] is not originals[0]
