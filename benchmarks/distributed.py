@@ -105,6 +105,9 @@ def worker(rank: int, world: int, init: str, numel: int, repeats: int, result_fi
     if cuda:
         torch.cuda.set_device(device)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))  # DeepSpeed checks them
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     rows = []
     for strategy in ("ddp", "fsdp1", "fsdp2"):
@@ -125,9 +128,57 @@ def worker(rank: int, world: int, init: str, numel: int, repeats: int, result_fi
         for label, step in (("dist_optim.AdamW(max_grad_norm) fused", fused), ("clip_grad_norm_ + torch.optim.AdamW", separate)):
             secs, calls, nbytes = measure(step, repeats, device)
             rows.append(dict(strategy=strategy, impl=label, ms=1e3 * secs, collectives=calls, bytes=nbytes))
+    rows += zero_rows(numel, repeats, device)
     if rank == 0:
         Path(result_file).write_text(json.dumps(rows))
     dist.destroy_process_group()
+
+
+def zero_rows(numel: int, repeats: int, device: torch.device) -> list[dict]:
+    """ZeRO-1/2/3: engine.step() (norm, clipping, update, parameter all-gather) after an untimed
+    backward, with our AdamW(max_grad_norm) against torch.optim.AdamW under DeepSpeed's clipping."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return []
+    import dist_optim
+    import dist_optim.deepspeed as dod
+
+    width = int((numel / 4) ** 0.5)
+    rows = []
+    for stage in (1, 2, 3):
+        for label, ours in (("dist_optim.AdamW(max_grad_norm) fused", True), ("DeepSpeed clipping + torch.optim.AdamW", False)):
+            torch.manual_seed(0)
+            net = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(4)])
+            config = {"train_micro_batch_size_per_gpu": 8, "zero_optimization": {"stage": stage}, "steps_per_print": 10**9}
+            if ours:
+                opt = dist_optim.AdamW(net.parameters(), lr=1e-4, max_grad_norm=1.0)
+            else:
+                opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=True)
+                config.update(gradient_clipping=1.0, zero_allow_untested_optimizer=True)
+            engine, *_ = dod.initialize(model=net, optimizer=opt, config=config)
+            x = torch.randn(8, width, device=device)
+
+            def backward():
+                engine.backward(engine(x).square().mean())
+
+            times, counter = [], None
+            for i in range(repeats + 2):
+                backward()
+                dist.barrier()
+                if i == 1:
+                    counter = CollectiveCounter()
+                    with counter:
+                        engine.step()
+                    continue
+                start = time.perf_counter()
+                engine.step()
+                if i > 1:
+                    times.append(time.perf_counter() - start)
+            rows.append(dict(strategy=f"zero{stage}", impl=label, ms=1e3 * statistics.median(times),
+                             collectives=counter.calls, bytes=counter.bytes))
+            del engine
+    return rows
 
 
 def markdown(result: dict) -> str:
@@ -135,7 +186,8 @@ def markdown(result: dict) -> str:
         f"# Optimizer step under each strategy, world {result['world']}, {result['device']}",
         "",
         f"{result['params']:,} fp32 params (4 Linear layers); the step after backward: clipping + update. "
-        "Collectives and bytes are those issued inside the step on rank 0.",
+        "Collectives and bytes are those issued inside the step on rank 0 (bytes: all-reduce payloads only). "
+        "ZeRO rows time engine.step(), which also all-gathers the updated partitions.",
         "",
         "| strategy | implementation | ms/step | collectives | bytes |",
         "|---|---|---:|---:|---:|",

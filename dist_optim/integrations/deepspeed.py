@@ -13,7 +13,8 @@ rho_t, Lookahead's k) advance once per global step, also when ZeRO-3 calls ``ste
 sub-group. Clipping and non-finite steps, never twice:
 - ZeRO-1/2 call ``step()`` once per global step on the rank's partitions: our ``max_grad_norm`` and
   ``nonfinite`` work as everywhere (one all-reduce over the data-parallel group, the coefficient
-  folded into the update), and DeepSpeed's ``gradient_clipping`` is set to 0;
+  folded into the update); DeepSpeed's ``gradient_clipping`` is set to 0 and, where DeepSpeed has
+  the switch, its own norm computation (``zero_optimization.compute_grad_norm``) is turned off;
 - ZeRO-3 calls ``step()`` per sub-group, where no call sees the global norm: ``max_grad_norm``
   becomes DeepSpeed's ``gradient_clipping`` (a global norm over all partitions), and DeepSpeed's own
   check skips non-finite steps on every rank; the inner optimizer runs with ``nonfinite="apply"``.
@@ -121,6 +122,23 @@ def prepare(config: Any, optimizer: Any, params: Any) -> tuple[dict, Any]:
     return config, optimizer
 
 
+def _skip_deepspeeds_norm(config: dict, optimizer: Any) -> None:
+    """When our clipping owns the norm on ZeRO-1/2, DeepSpeed's own global-norm all-reduce (which it
+    would compute for nothing) is turned off, where this DeepSpeed version has the switch and the
+    user did not set it."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    base = _base(optimizer)
+    zero = config.get("zero_optimization", {})
+    if (
+        isinstance(base, _optim.FusedOptimizer)
+        and base.max_grad_norm is not None
+        and int(zero.get("stage", 0)) in (1, 2)
+        and "compute_grad_norm" in getattr(DeepSpeedZeroConfig, "model_fields", {})
+    ):
+        config["zero_optimization"] = {**zero, "compute_grad_norm": zero.get("compute_grad_norm", False)}
+
+
 def initialize(*, model: Any, config: Any = None, optimizer: Any = None, model_parameters: Any = None, **kwargs: Any):
     """``deepspeed.initialize`` that understands ``"type": "dist_optim.<Name>"`` (see the module doc)."""
     import deepspeed
@@ -128,6 +146,7 @@ def initialize(*, model: Any, config: Any = None, optimizer: Any = None, model_p
     mark_zero_supported()
     params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
     config, optimizer = prepare(config, optimizer, params)
+    _skip_deepspeeds_norm(config, optimizer)
     engine, opt, loader, sched = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, config=config, **kwargs
     )

@@ -154,3 +154,17 @@ def test_world_1_equals_one_process(world1, stage):
     (params,) = world1.run(cases.run_zero, stage, "Ranger", 4)
     for a, b in zip(params, cases.reference("Ranger", 4, 1)):
         torch.testing.assert_close(a, b, **TOL)
+
+
+@pytest.mark.parametrize(
+    "stage,given,expected",
+    [(2, None, False), (1, None, False), (2, True, True), (3, None, None)],
+)
+def test_deepspeeds_redundant_norm_is_turned_off_when_ours_clips(stage, given, expected):
+    from dist_optim.integrations.deepspeed import _skip_deepspeeds_norm
+
+    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
+    zero = {"stage": stage} if given is None else {"stage": stage, "compute_grad_norm": given}
+    config, opt = dod.prepare({"zero_optimization": zero}, opt, None)
+    _skip_deepspeeds_norm(config, opt)
+    assert config["zero_optimization"].get("compute_grad_norm") == expected
