@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 NONFINITE_MODES = ("skip", "raise", "apply")
 
 

@@ -10,22 +10,64 @@ Tensors = Sequence[torch.Tensor]
 
 
 def resolve_backend(backend: str, params: Tensors) -> str:
-    """'torch' or 'triton' for these tensors. 'auto' takes Triton for CUDA tensors when it is installed."""
+    """'torch', 'triton' or 'cpu' for these tensors. 'auto' takes Triton for CUDA tensors when it is
+    installed and the fused CPU kernels (``cpu_kernels``) for CPU tensors when they build here."""
     if backend == "torch" or not params:
         return "torch"
-    import triton_kernels
-
     device = params[0].device
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_kernels.supports(device) else "torch"
+        if device.type == "cuda":
+            import triton_kernels
+
+            return "triton" if triton_kernels.supports(device) else "torch"
+        if device.type == "cpu":
+            import cpu_kernels
+
+            return "cpu" if cpu_kernels.supports(device) else "torch"
+        return "torch"
     if backend == "triton":
+        import triton_kernels
+
         if not triton_kernels.supports(device):
             raise RuntimeError(
                 f"backend='triton' cannot run on {device}: it needs the triton package and a CUDA device "
                 "(or TRITON_INTERPRET=1 for the CPU interpreter)"
             )
         return "triton"
-    raise ValueError(f"Invalid backend: {backend!r} (must be one of 'auto', 'torch', 'triton')")
+    if backend == "cpu":
+        import cpu_kernels
+
+        if device.type != "cpu":
+            raise RuntimeError(f"backend='cpu' cannot run on {device}: it takes CPU tensors")
+        if not cpu_kernels.supports(device):
+            from cpu_kernels._build import library
+
+            library()  # raises the build error that says why
+        return "cpu"
+    raise ValueError(f"Invalid backend: {backend!r} (must be one of 'auto', 'torch', 'triton', 'cpu')")
+
+
+def fused_kernels(backend: str, params: Tensors, grads: Tensors | None = None, states=None):
+    """The one place a step's implementation is chosen: the kernel module whose launcher runs these
+    tensors (``triton_kernels`` or ``cpu_kernels``, the same launcher signatures), or None for the
+    torch path. The CPU kernels take fp32/bf16/fp16 params and grads with fp32 state; anything else
+    (fp64, say) goes to the torch path under 'auto' and is refused under 'cpu'."""
+    which = resolve_backend(backend, params)
+    if which == "triton":
+        import triton_kernels
+
+        return triton_kernels
+    if which == "cpu":
+        import cpu_kernels
+
+        if cpu_kernels.accepts(params, grads, states):
+            return cpu_kernels
+        if backend == "cpu":
+            raise ValueError(
+                "backend='cpu' takes CPU params and grads in fp32/bf16/fp16 with fp32 state; got params "
+                f"{sorted({str(p.dtype) for p in params})}"
+            )
+    return None
 
 
 def fp32_views(params: Tensors) -> list[torch.Tensor]:

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
 
 STATE_KEYS = ("step", "sum")
 
@@ -36,10 +36,9 @@ def adagrad_step(
 ) -> None:
     """One Adagrad step in place; ``step`` is the (already incremented) step count t >= 1."""
     clr = adagrad_clr(lr, lr_decay, step)
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.adagrad_step(
+    kernels = fused_kernels(backend, params, grads, states)
+    if kernels is not None:
+        kernels.adagrad_step(
             params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale
         )
         return

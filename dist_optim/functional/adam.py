@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
 
 
 def moments(params, grads, states, *, lr, beta1, beta2, weight_decay, decoupled, grad_scale):
@@ -57,10 +57,9 @@ def adam_step(
     """One Adam/AdamW step in place; ``step`` is the (already incremented) step count t >= 1."""
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.adam_step(
+    kernels = fused_kernels(backend, params, grads, states)
+    if kernels is not None:
+        kernels.adam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled=decoupled, amsgrad=amsgrad, step_size=step_size,
             bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale,

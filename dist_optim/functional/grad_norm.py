@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Tensors, resolve_backend
+from ._common import Tensors, fused_kernels
 
 
 def grad_sumsq_and_flag(grads: Tensors, *, backend: str = "torch") -> torch.Tensor:
@@ -16,10 +16,9 @@ def grad_sumsq_and_flag(grads: Tensors, *, backend: str = "torch") -> torch.Tens
     grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros(2, dtype=torch.float32)
-    if resolve_backend(backend, grads) == "triton":
-        import triton_kernels
-
-        return triton_kernels.sumsq_nonfinite(grads)
+    kernels = fused_kernels(backend, grads)
+    if kernels is not None:
+        return kernels.sumsq_nonfinite(grads)
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     device = grads[0].device
     sumsq = torch.stack([n.to(device) for n in norms]).square().sum()

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, write_back
+from ._common import Tensors, fp32_views, fused_kernels, write_back
 
 STATE_KEYS = ("slow_buffer", "lookahead_step")
 
 
 def lookahead_sync(params: Tensors, slow_buffers: Tensors, *, alpha: float, backend: str = "torch") -> None:
     """Pull the fp32 slow weights towards the params and reset the params to them, in place."""
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.lookahead_sync(params, slow_buffers, alpha=alpha)
+    kernels = fused_kernels(backend, params, None, {"slow_buffer": slow_buffers})
+    if kernels is not None:
+        kernels.lookahead_sync(params, slow_buffers, alpha=alpha)
         return
     p32 = fp32_views(params)
     pull_and_reset(p32, list(slow_buffers), alpha)

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, resolve_backend, write_back
+from ._common import Tensors, fused_kernels, write_back
 from .adam import moments
 from .lookahead import pull_and_reset
 
@@ -67,10 +67,9 @@ def radam_step(
     ``states['slow_buffer']`` are pulled towards the new params and the params reset to them, in the
     same pass; the fp32 result of the step feeds the slow update before any rounding to the param dtype."""
     rectified, step_size = radam_step_size(lr, beta1, beta2, step, rho_threshold)
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.radam_step(
+    kernels = fused_kernels(backend, params, grads, states)
+    if kernels is not None:
+        kernels.radam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled=decoupled, rectified=rectified, step_size=step_size, lookahead_alpha=lookahead_alpha,
             grad_scale=grad_scale,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
 
 
 def rmsprop_state_keys(momentum: float, centered: bool) -> tuple[str, ...]:
@@ -42,10 +42,9 @@ def rmsprop_step(
 ) -> None:
     """One RMSprop step in place. ``states`` holds 'square_avg', plus 'momentum_buffer' when
     momentum > 0 and 'grad_avg' when centered (all fp32)."""
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.rmsprop_step(
+    kernels = fused_kernels(backend, params, grads, states)
+    if kernels is not None:
+        kernels.rmsprop_step(
             params, grads, states, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
             momentum=momentum, centered=centered, grad_scale=grad_scale,
         )

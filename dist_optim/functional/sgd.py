@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, resolve_backend, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
 
 STATE_KEYS_MOMENTUM = ("momentum_buffer",)
 
@@ -34,10 +34,9 @@ def sgd_step(
 ) -> None:
     """One SGD step in place. ``states['momentum_buffer']`` (fp32) is required when momentum != 0;
     ``first_step`` says the buffers are fresh and take the gradient as it is."""
-    if resolve_backend(backend, params) == "triton":
-        import triton_kernels
-
-        triton_kernels.sgd_step(
+    kernels = fused_kernels(backend, params, grads, states)
+    if kernels is not None:
+        kernels.sgd_step(
             params, grads, states, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, first_step=first_step, grad_scale=grad_scale,
         )

@@ -1,0 +1,43 @@
+"""Fused CPU optimizer kernels: each family's whole step in one pass over memory, multi-threaded
+(``torch.get_num_threads()`` OpenMP threads over fixed 32K-element chunks) and vectorized, over all
+tensors of a (param dtype, grad dtype) bucket per call. The launchers have the Triton launchers'
+signatures (``triton_kernels``): tensors and Python scalars in, nothing of optimizers or
+torch.distributed. The kernels are a small C++ library (``kernels.cpp``) built on first use, a few
+seconds, and cached per machine (see ``_build``); ``supports`` says whether it can run here.
+
+Params and grads may be fp32, bf16 or fp16 (independently); state is fp32. Non-contiguous tensors
+run on contiguous copies written back afterwards. Everything else (fp64, a state in another dtype)
+is for the torch path: ``accepts`` tells the dispatcher.
+"""
+
+from __future__ import annotations
+
+from ._build import BuildError, available
+from .launch import (
+    accepts,
+    adagrad_step,
+    adam_step,
+    lookahead_sync,
+    radam_step,
+    rmsprop_step,
+    sgd_step,
+    sumsq_nonfinite,
+)
+
+__all__ = [
+    "BuildError",
+    "accepts",
+    "adagrad_step",
+    "adam_step",
+    "lookahead_sync",
+    "radam_step",
+    "rmsprop_step",
+    "sgd_step",
+    "sumsq_nonfinite",
+    "supports",
+]
+
+
+def supports(device) -> bool:
+    """True for CPU tensors when the kernels build and load on this machine."""
+    return getattr(device, "type", device) == "cpu" and available()

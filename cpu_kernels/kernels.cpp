@@ -1,0 +1,404 @@
+// Fused CPU optimizer steps: every family's whole update in one pass over memory, over many tensors
+// per call (pointer tables), OpenMP threads over fixed-size chunks, fp32 math.
+//
+// The arithmetic follows dist_optim.functional's torch path operation by operation, in the same order
+// and with the same roundings (checked bit for bit against torch 2.13's CPU kernels): add-with-alpha,
+// lerp and addcmul (self + (value * t1) * t2) are fused multiply-adds there (std::fma here);
+// addcdiv (self + (value * t1) / t2), mul, true division by a scalar and sqrt are separate roundings
+// (this file is built with -ffp-contract=off so the compiler fuses nothing else). Scalars arrive as fp32, as torch casts a
+// Python scalar to the fp32 op type. bf16/fp16 params and grads are widened to fp32 in a small
+// L1-resident block buffer and the result rounded to nearest even, as Tensor.copy_ does.
+//
+// No torch headers: plain C ABI, loaded with ctypes. OpenMP calls resolve to the libgomp torch has
+// already loaded (same soname), so there is one thread pool in the process.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <algorithm>
+#include <type_traits>
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+#include <omp.h>
+
+namespace {
+
+enum Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
+constexpr int64_t BLOCK = 1024;    // elements staged in fp32 at a time (4 KiB per stream)
+constexpr int64_t CHUNK = 32768;   // elements per unit of parallel work
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_bf16(float f) {  // c10::BFloat16's round_to_nearest_even
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (f != f) ? uint16_t(0x7FC0) : uint16_t(rounded);
+}
+inline float f16_to_f32_scalar(uint16_t h) {
+  uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1F, man = h & 0x3FF, u;
+  if (exp == 0) {
+    if (man == 0) { u = sign; }
+    else {  // subnormal
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      u = sign | uint32_t(127 - 15 - e) << 23 | (man & 0x3FF) << 13;
+    }
+  } else if (exp == 31) { u = sign | 0x7F800000u | man << 13; }
+  else { u = sign | (exp + 112) << 23 | man << 13; }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint16_t f32_to_f16_scalar(float f) {  // round to nearest even (as F16C's vcvtps2ph)
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFF;
+  if (a >= 0x7F800000) return uint16_t(sign | 0x7C00 | (a > 0x7F800000 ? 0x200 | ((a >> 13) & 0x3FF) : 0));
+  if (a >= 0x477FF000) return uint16_t(sign | 0x7C00);  // rounds to inf
+  if (a < 0x38800000) {  // subnormal or zero in fp16
+    if (a < 0x33000000) return uint16_t(sign);
+    uint32_t e = a >> 23, man = (a & 0x7FFFFF) | 0x800000, shift = 126 - e;
+    uint32_t r = man >> shift, rem = man & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rem > half || (rem == half && (r & 1))) ++r;
+    return uint16_t(sign | r);
+  }
+  uint32_t r = a - 0x38000000;  // rebias exponent
+  r = (r + 0xFFF + ((r >> 13) & 1)) >> 13;
+  return uint16_t(sign | r);
+}
+
+// Widen n elements to fp32: fp32 data is used in place, others are converted into buf.
+template <int D>
+inline float* load(void* base, int64_t off, int64_t n, float* buf) {
+  if constexpr (D == F32) {
+    return static_cast<float*>(base) + off;
+  } else if constexpr (D == BF16) {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) buf[i] = bf16_to_f32(s[i]);
+    return buf;
+  } else {
+    const uint16_t* s = static_cast<const uint16_t*>(base) + off;
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(buf + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+#endif
+    for (; i < n; ++i) buf[i] = f16_to_f32_scalar(s[i]);
+    return buf;
+  }
+}
+
+// Round n fp32 results back into a low-precision tensor (nothing to do for fp32: updated in place).
+template <int D>
+inline void store(void* base, int64_t off, int64_t n, const float* buf) {
+  if constexpr (D == BF16) {
+    uint16_t* d = static_cast<uint16_t*>(base) + off;
+    for (int64_t i = 0; i < n; ++i) d[i] = f32_to_bf16(buf[i]);
+  } else if constexpr (D == F16) {
+    uint16_t* d = static_cast<uint16_t*>(base) + off;
+    int64_t i = 0;
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i), _mm256_cvtps_ph(_mm256_loadu_ps(buf + i), _MM_FROUND_TO_NEAREST_INT));
+#endif
+    for (; i < n; ++i) d[i] = f32_to_f16_scalar(buf[i]);
+  }
+}
+
+// torch's lerp with a scalar weight (ATen lerp_vec): small weight fma(w, e - s, s), else fma(w - 1, e - s, e).
+inline float lerp(float s, float e, float w, float wm1, bool small) {
+  return small ? std::fma(w, e - s, s) : std::fma(wm1, e - s, e);
+}
+inline float nan_max(float a, float b) {  // torch.maximum propagates NaN
+  float r = a > b ? a : b;
+  r = (b != b) ? b : r;
+  return (a != a) ? a : r;
+}
+
+// Every element-wise family: one block of n elements, fp32 p (in/out), g (scratch copy), states.
+struct Args {
+  const float* sc;  // scalars, meaning per family
+  const int* fl;    // flags, meaning per family
+};
+
+enum Family : int { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, RADAM = 4, LOOKAHEAD = 5 };
+
+// g = grad * grad_scale (+ weight_decay * p, torch's add-with-alpha: fma)
+inline void scale_and_decay(float* __restrict g, const float* __restrict gin, const float* __restrict p, int64_t n,
+                            float gs, float wd, bool coupled) {
+  if (coupled) {
+    for (int64_t i = 0; i < n; ++i) g[i] = std::fma(p[i], wd, gin[i] * gs);
+  } else {
+    for (int64_t i = 0; i < n; ++i) g[i] = gin[i] * gs;
+  }
+}
+
+template <int F>
+void block(float* __restrict p, const float* __restrict gin, float* __restrict g, float* const* S, int64_t n, const Args& a) {
+  const float* c = a.sc;
+  const int* f = a.fl;
+  if constexpr (F == SGD) {
+    // sc: grad_scale, weight_decay, momentum, 1 - dampening, -lr ; fl: has_wd, has_momentum, first_step, nesterov
+    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
+    if (f[1]) {
+      float* __restrict buf = S[0];
+      const float mom = c[2], keep = c[3];
+      if (f[2]) { for (int64_t i = 0; i < n; ++i) buf[i] = g[i]; }
+      else { for (int64_t i = 0; i < n; ++i) buf[i] = std::fma(g[i], keep, buf[i] * mom); }
+      if (f[3]) { for (int64_t i = 0; i < n; ++i) p[i] = std::fma(std::fma(buf[i], mom, g[i]), c[4], p[i]); }
+      else { for (int64_t i = 0; i < n; ++i) p[i] = std::fma(buf[i], c[4], p[i]); }
+    } else {
+      for (int64_t i = 0; i < n; ++i) p[i] = std::fma(g[i], c[4], p[i]);
+    }
+  } else if constexpr (F == ADAGRAD) {
+    // sc: grad_scale, weight_decay, eps, -clr ; fl: has_wd
+    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
+    float* __restrict sum = S[0];
+    const float eps = c[2], nclr = c[3];
+    for (int64_t i = 0; i < n; ++i) {
+      float s = std::fma(1.0f * g[i], g[i], sum[i]);
+      sum[i] = s;
+      float num = g[i] * nclr;
+      p[i] = p[i] + num / (std::sqrt(s) + eps);
+    }
+  } else if constexpr (F == RMSPROP) {
+    // sc: grad_scale, weight_decay, alpha, 1 - alpha, eps, momentum, -lr, (1-alpha) - 1
+    // fl: has_wd, centered, has_momentum, lerp weight small
+    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
+    float* __restrict sq = S[0];
+    float* __restrict buf = S[1];
+    float* __restrict ga = S[2];
+    const float alpha = c[2], oma = c[3], eps = c[4], mom = c[5], nlr = c[6], wm1 = c[7];
+    const bool centered = f[1], has_mom = f[2], small = f[3];
+    auto loop = [&](auto centered_c, auto has_mom_c) {
+      constexpr bool C = decltype(centered_c)::value, M = decltype(has_mom_c)::value;
+      for (int64_t i = 0; i < n; ++i) {
+        float gi = g[i];
+        float s = sq[i] * alpha;
+        s = std::fma(oma * gi, gi, s);
+        sq[i] = s;
+        float avg;
+        if constexpr (C) {
+          float gav = lerp(ga[i], gi, oma, wm1, small);
+          ga[i] = gav;
+          avg = std::sqrt(std::fma(-1.0f * gav, gav, s));
+        } else {
+          avg = std::sqrt(s);
+        }
+        avg = avg + eps;
+        if constexpr (M) {
+          float b = buf[i] * mom;
+          b = b + (1.0f * gi) / avg;
+          buf[i] = b;
+          p[i] = std::fma(b, nlr, p[i]);
+        } else {
+          p[i] = p[i] + (nlr * gi) / avg;
+        }
+      }
+    };
+    using T = std::true_type;
+    using N = std::false_type;
+    if (centered) { if (has_mom) loop(T{}, T{}); else loop(T{}, N{}); }
+    else { if (has_mom) loop(N{}, T{}); else loop(N{}, N{}); }
+  } else if constexpr (F == ADAM || F == RADAM) {
+    // sc: grad_scale, weight_decay, 1 - lr*wd, 1 - beta1, (1 - beta1) - 1, beta2, 1 - beta2, eps, -step_size,
+    //     bias_correction2_sqrt (Adam), lookahead alpha (Ranger)
+    // fl: has_wd, decoupled, lerp weight small, amsgrad (Adam) / rectified (RAdam), lookahead (RAdam)
+    const bool has_wd = f[0], decoupled = f[1], small = f[2], opt = f[3];
+    if (has_wd && decoupled) {
+      const float keep = c[2];
+      for (int64_t i = 0; i < n; ++i) p[i] = p[i] * keep;
+    }
+    scale_and_decay(g, gin, p, n, c[0], c[1], has_wd && !decoupled);
+    float* __restrict m = S[0];
+    float* __restrict v = S[1];
+    float* __restrict x = S[2];  // Adam: max_exp_avg_sq; RAdam: slow_buffer
+    const float w = c[3], wm1 = c[4], b2 = c[5], omb2 = c[6], eps = c[7], nss = c[8], bc2 = c[9];
+    for (int64_t i = 0; i < n; ++i) {
+      float gi = g[i];
+      float mi = lerp(m[i], gi, w, wm1, small);
+      m[i] = mi;
+      float vi = v[i] * b2;
+      vi = std::fma(omb2 * gi, gi, vi);
+      v[i] = vi;
+      if constexpr (F == ADAM) {
+        if (opt) { vi = nan_max(x[i], vi); x[i] = vi; }
+        float d = std::sqrt(vi) / bc2 + eps;
+        p[i] = p[i] + (nss * mi) / d;
+      } else {
+        if (opt) p[i] = p[i] + (nss * mi) / (std::sqrt(vi) + eps);
+        else p[i] = std::fma(mi, nss, p[i]);
+      }
+    }
+    if constexpr (F == RADAM) {
+      if (f[4]) {
+        const float la = c[10];
+        for (int64_t i = 0; i < n; ++i) {
+          float s = std::fma(p[i] - x[i], la, x[i]);
+          x[i] = s;
+          p[i] = s;
+        }
+      }
+    }
+  } else if constexpr (F == LOOKAHEAD) {
+    // sc: alpha. No grad.
+    float* __restrict slow = S[0];
+    const float la = c[0];
+    for (int64_t i = 0; i < n; ++i) {
+      float s = std::fma(p[i] - slow[i], la, slow[i]);
+      slow[i] = s;
+      p[i] = s;
+    }
+  }
+}
+
+// Chunk table: chunk k of the whole call covers tensor t's elements [start, start + len).
+struct Chunk { int64_t t, start, len; };
+
+int64_t build_chunks(int64_t nt, const int64_t* numel, Chunk* out) {
+  int64_t k = 0;
+  for (int64_t t = 0; t < nt; ++t)
+    for (int64_t s = 0; s < numel[t]; s += CHUNK)
+      out[k++] = Chunk{t, s, std::min(CHUNK, numel[t] - s)};
+  return k;
+}
+
+int64_t count_chunks(int64_t nt, const int64_t* numel) {
+  int64_t k = 0;
+  for (int64_t t = 0; t < nt; ++t) k += (numel[t] + CHUNK - 1) / CHUNK;
+  return k;
+}
+
+template <int F, int PD, int GD>
+void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S, int nstate,
+         const float* sc, const int* fl, int nthreads) {
+  int64_t nc = count_chunks(nt, numel);
+  if (nc == 0) return;
+  Chunk* chunks = new Chunk[nc];
+  build_chunks(nt, numel, chunks);
+  Args a{sc, fl};
+  #pragma omp parallel num_threads(nthreads)
+  {
+    alignas(64) float pbuf[BLOCK];
+    alignas(64) float gbuf[BLOCK];
+    alignas(64) float gtmp[BLOCK];
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < nc; ++k) {
+      const Chunk ch = chunks[k];
+      for (int64_t off = ch.start; off < ch.start + ch.len; off += BLOCK) {
+        int64_t n = std::min(BLOCK, ch.start + ch.len - off);
+        float* p = load<PD>(P[ch.t], off, n, pbuf);
+        const float* g = F == LOOKAHEAD ? nullptr : load<GD>(G[ch.t], off, n, gbuf);
+        float* s[3] = {nullptr, nullptr, nullptr};
+        for (int j = 0; j < nstate; ++j) s[j] = S[j * nt + ch.t] ? S[j * nt + ch.t] + off : nullptr;
+        block<F>(p, g, gtmp, s, n, a);
+        store<PD>(P[ch.t], off, n, p);
+      }
+    }
+  }
+  delete[] chunks;
+}
+
+template <int F, int PD>
+void dispatch_g(int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S, int ns,
+                const float* sc, const int* fl, int nth) {
+  switch (gd) {
+    case F32: run<F, PD, F32>(nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case BF16: run<F, PD, BF16>(nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case F16: run<F, PD, F16>(nt, numel, P, G, S, ns, sc, fl, nth); break;
+  }
+}
+
+template <int F>
+void dispatch_p(int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S,
+                int ns, const float* sc, const int* fl, int nth) {
+  switch (pd) {
+    case F32: dispatch_g<F, F32>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case BF16: dispatch_g<F, BF16>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case F16: dispatch_g<F, F16>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
+  }
+}
+
+template <int GD>
+void sumsq_run(int64_t nt, const int64_t* numel, void* const* G, double* out_sumsq, int* out_bad, int nthreads) {
+  int64_t nc = count_chunks(nt, numel);
+  if (nc == 0) return;
+  Chunk* chunks = new Chunk[nc];
+  build_chunks(nt, numel, chunks);
+  double* partial = new double[nc];
+  int* bad = new int[nc];
+  #pragma omp parallel num_threads(nthreads)
+  {
+    alignas(64) float gbuf[BLOCK];
+    #pragma omp for schedule(static)
+    for (int64_t k = 0; k < nc; ++k) {
+      const Chunk ch = chunks[k];
+      double acc = 0.0;
+      int nonfinite = 0;
+      for (int64_t off = ch.start; off < ch.start + ch.len; off += BLOCK) {
+        int64_t n = std::min(BLOCK, ch.start + ch.len - off);
+        const float* g = load<GD>(G[ch.t], off, n, gbuf);
+        // 16 fp32 lanes of partial sums per block (vectorizable), then into the fp64 chunk total
+        float lanes[16] = {0};
+        float inf_test = 0.0f;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16)
+          for (int l = 0; l < 16; ++l) { float x = g[i + l]; lanes[l] += x * x; inf_test += x * 0.0f; }
+        double blk = 0.0;
+        for (int l = 0; l < 16; ++l) blk += lanes[l];
+        for (; i < n; ++i) { float x = g[i]; blk += double(x) * x; inf_test += x * 0.0f; }
+        acc += blk;
+        nonfinite |= (inf_test != inf_test);  // x * 0 is NaN exactly for inf/NaN x
+      }
+      partial[k] = acc;
+      bad[k] = nonfinite;
+    }
+  }
+  double total = 0.0;
+  int any = 0;
+  for (int64_t k = 0; k < nc; ++k) { total += partial[k]; any |= bad[k]; }
+  *out_sumsq += total;
+  *out_bad |= any;
+  delete[] chunks;
+  delete[] partial;
+  delete[] bad;
+}
+
+}  // namespace
+
+extern "C" {
+
+// family: Family; pd/gd: Dtype of params/grads; S: nstate x nt fp32 pointers (row-major, null allowed).
+int dist_optim_step(int family, int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G,
+                    float* const* S, int nstate, const float* sc, const int* fl, int nthreads) {
+  if (pd < 0 || pd > 2 || gd < 0 || gd > 2 || nstate > 3 || nthreads < 1) return 1;
+  switch (family) {
+    case SGD: dispatch_p<SGD>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case ADAGRAD: dispatch_p<ADAGRAD>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case RMSPROP: dispatch_p<RMSPROP>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case ADAM: dispatch_p<ADAM>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case RADAM: dispatch_p<RADAM>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case LOOKAHEAD: dispatch_p<LOOKAHEAD>(pd, F32, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    default: return 2;
+  }
+  return 0;
+}
+
+// Adds this call's sum of squares (fp64) and non-finite flag into *sumsq / *bad.
+int dist_optim_sumsq(int gd, int64_t nt, const int64_t* numel, void* const* G, double* sumsq, int* bad, int nthreads) {
+  if (nthreads < 1) return 1;
+  switch (gd) {
+    case F32: sumsq_run<F32>(nt, numel, G, sumsq, bad, nthreads); break;
+    case BF16: sumsq_run<BF16>(nt, numel, G, sumsq, bad, nthreads); break;
+    case F16: sumsq_run<F16>(nt, numel, G, sumsq, bad, nthreads); break;
+    default: return 1;
+  }
+  return 0;
+}
+
+}  // extern "C"

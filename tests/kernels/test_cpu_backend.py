@@ -1,0 +1,333 @@
+"""The fused CPU backend (``cpu_kernels``) against the torch path (dist_optim.functional with
+backend="torch", the specification): every family and switch, fp32/bf16/fp16 params (and fp32 grads
+for low-precision params), odd sizes crossing the kernel's 1K block and 32K chunk, an empty tensor,
+non-contiguous and offset views; the grad statistics; thread-count invariance; and every optimizer
+class with backend="auto" (which is this backend on CPU) against backend="torch".
+
+Tolerances and why. The kernel evaluates the torch path's expressions in its order with its
+roundings (fused multiply-adds exactly where torch's CPU add-with-alpha, lerp and addcmul fuse), so
+most elements agree bit for bit; the exception is sqrt: torch's CPU sqrt (MKL's vsSqrt) is not
+correctly rounded, ours is, one ulp apart on ~1 in 6 elements. Hence fp32 params and state: rtol
+2e-6 / atol 1e-6 (an ulp or two, amplified where p + update cancels, which atol covers); bf16/fp16
+params: one ulp of the param dtype, compared one step at a time from identical inputs because a
+one-ulp param difference feeds the next step. Centered RMSprop's sqrt(v - m^2) cancels: state rtol
+2e-5 there. The sum of squares: rtol 1e-5 (fp64 chunk partials here, torch's fp32 norms there).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import cpu_kernels
+import dist_optim.functional as F
+from dist_optim.functional._common import fused_kernels, resolve_backend
+from tests.optim._factories import CONFIGS
+from tests.optim._setup import make_params, run
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler to build cpu_kernels"
+)
+
+# 70001 spans two 32K chunks and a ragged 1K block; 0 is an empty shard.
+SIZES = [1, 7, 1003, 0, 601, 70001]
+DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32)]
+DTYPE_IDS = ["fp32", "bf16", "fp16", "bf16-fp32grad"]
+POSITIVE = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")
+
+
+def make(dtype, state_keys, *, grad_dtype=None, seed=0, sizes=SIZES):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [torch.randn(n, generator=gen).to(grad_dtype or dtype) for n in sizes]
+    states = {}
+    for key in state_keys:
+        values = [torch.randn(n, generator=gen) for n in sizes]
+        states[key] = [v.abs() for v in values] if key in POSITIVE else values
+    return params, grads, states
+
+
+def clone(params, grads, states):
+    return [p.clone() for p in params], [g.clone() for g in grads], {k: [t.clone() for t in v] for k, v in states.items()}
+
+
+def assert_match(ours, ref, state_rtol=2e-6):
+    (p1, _, s1), (p2, _, s2) = ours, ref
+    for a, b in zip(p1, p2):
+        assert a.dtype == b.dtype
+        if a.dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
+        else:
+            eps = torch.finfo(a.dtype).eps
+            torch.testing.assert_close(a.float(), b.float(), rtol=eps, atol=eps * 1e-2)
+    for key in s1:
+        for a, b in zip(s1[key], s2[key]):
+            assert a.dtype == torch.float32
+            torch.testing.assert_close(a, b, rtol=state_rtol, atol=1e-6, msg=f"state {key!r}")
+
+
+def compare(step_fn, dtype, state_keys, *, steps=3, grad_dtype=None, data=None, state_rtol=2e-6):
+    data = make(dtype, state_keys, grad_dtype=grad_dtype) if data is None else data
+    ref = clone(*data)
+    for t in range(1, steps + 1):
+        if dtype != torch.float32:  # restart from the reference's values: compare one step at a time
+            data = clone(*ref)
+        step_fn(*data, t=t, backend="cpu")
+        step_fn(*ref, t=t, backend="torch")
+        if dtype != torch.float32:
+            assert_match(data, ref, state_rtol)
+    assert_match(data, ref, state_rtol)
+
+
+dtypes = pytest.mark.parametrize("dtype,grad_dtype", DTYPES, ids=DTYPE_IDS)
+
+
+def test_auto_picks_the_cpu_kernels_for_cpu_tensors():
+    p = [torch.zeros(3)]
+    assert resolve_backend("auto", p) == "cpu"
+    assert fused_kernels("auto", p, p) is cpu_kernels
+    assert fused_kernels("torch", p, p) is None
+    # fp64 is the torch path's: 'auto' falls back, an explicit 'cpu' says why it cannot
+    p64 = [torch.zeros(3, dtype=torch.float64)]
+    assert fused_kernels("auto", p64, p64) is None
+    with pytest.raises(ValueError, match="backend='cpu' takes"):
+        F.sgd_step(p64, p64, {}, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                   first_step=True, backend="cpu")
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, grad_scale=1.0),
+        dict(lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, grad_scale=0.5),
+        dict(lr=0.05, momentum=0.8, dampening=0.0, weight_decay=0.1, nesterov=True, grad_scale=-1.0),  # maximize
+    ],
+    ids=["plain", "momentum-dampening-wd", "nesterov-maximize"],
+)
+def test_sgd(dtype, grad_dtype, kw):
+    keys = ["momentum_buffer"] if kw["momentum"] else []
+
+    def step(p, g, s, *, t, backend):
+        F.sgd_step(p, g, s, first_step=t == 1, backend=backend, **kw)
+
+    compare(step, dtype, keys, grad_dtype=grad_dtype)
+
+
+@dtypes
+@pytest.mark.parametrize("weight_decay,grad_scale", [(0.0, 1.0), (0.1, 0.37)])
+def test_adagrad(dtype, grad_dtype, weight_decay, grad_scale):
+    def step(p, g, s, *, t, backend):
+        F.adagrad_step(p, g, s, lr=0.1, lr_decay=0.01, weight_decay=weight_decay, eps=1e-10, step=t,
+                       grad_scale=grad_scale, backend=backend)
+
+    compare(step, dtype, ["sum"], grad_dtype=grad_dtype)
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
+        dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
+        dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),  # lerp weight >= 0.5: torch's other branch
+        dict(alpha=0.99, momentum=0.9, centered=False, weight_decay=0.1),
+    ],
+)
+def test_rmsprop(dtype, grad_dtype, kw):
+    keys = ["square_avg"] + (["grad_avg"] if kw["centered"] else []) + (["momentum_buffer"] if kw["momentum"] else [])
+
+    def step(p, g, s, *, t, backend):
+        F.rmsprop_step(p, g, s, lr=0.01, eps=1e-8, grad_scale=0.8, backend=backend, **kw)
+
+    data = make(dtype, keys, grad_dtype=grad_dtype)
+    for t in data[2].get("grad_avg", []):  # keep square_avg >= grad_avg^2: a real centered average
+        t.zero_()
+    compare(step, dtype, keys, data=data, state_rtol=2e-5 if kw["centered"] else 2e-6)
+
+
+@dtypes
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
+        dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
+        dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
+        dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),  # lerp's other branch
+    ],
+    ids=["adam", "adam-l2-amsgrad", "adamw", "adamw-amsgrad-bigweight"],
+)
+def test_adam(dtype, grad_dtype, kw):
+    keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw["amsgrad"] else [])
+
+    def step(p, g, s, *, t, backend):
+        F.adam_step(p, g, s, lr=0.01, eps=1e-8, step=t, grad_scale=-0.5, backend=backend, **kw)
+
+    compare(step, dtype, keys, grad_dtype=grad_dtype)
+
+
+@dtypes
+@pytest.mark.parametrize("first_step", [1, 12], ids=["unrectified", "rectified"])
+@pytest.mark.parametrize("sync", [None, 0.3], ids=["radam", "ranger-sync"])
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_radam_and_ranger_sync(dtype, grad_dtype, first_step, sync, decoupled):
+    keys = ["exp_avg", "exp_avg_sq"] + (["slow_buffer"] if sync is not None else [])
+
+    def step(p, g, s, *, t, backend):
+        F.radam_step(p, g, s, lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.05, decoupled=decoupled,
+                     rho_threshold=5.0, step=first_step + t - 1, lookahead_alpha=sync, grad_scale=1.3, backend=backend)
+
+    assert (F.radam_rho(0.999, 1) > 5.0) is False and F.radam_rho(0.999, 12) > 5.0
+    compare(step, dtype, keys, grad_dtype=grad_dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_lookahead_sync(dtype):
+    def step(p, g, s, *, t, backend):
+        F.lookahead_sync(p, s["slow_buffer"], alpha=0.3, backend=backend)
+
+    compare(step, dtype, ["slow_buffer"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_non_contiguous_and_offset_views(dtype):
+    """A transposed param (its grad and state laid out alike) and slices of one flat buffer at odd
+    offsets, as ZeRO's flat partitions are: results land in the views themselves."""
+
+    def build(seed):
+        gen = torch.Generator().manual_seed(seed)
+        flat_p = torch.randn(5000, generator=gen).to(dtype)
+        flat_g = torch.randn(5000, generator=gen).to(dtype)
+        flat_m, flat_v = torch.randn(5000, generator=gen), torch.rand(5000, generator=gen)
+        base = [torch.randn(37, 23, generator=gen).to(dtype) for _ in range(2)] + [torch.randn(37, 23, generator=gen),
+                                                                                 torch.rand(37, 23, generator=gen)]
+        views = [t.t() for t in base]  # non-contiguous
+        params = [flat_p[3:1003], flat_p[1003:4999], views[0]]
+        grads = [flat_g[3:1003], flat_g[1003:4999], views[1]]
+        states = {"exp_avg": [flat_m[1:1001], flat_m[1001:4997], views[2]],
+                  "exp_avg_sq": [flat_v[1:1001], flat_v[1001:4997], views[3]]}
+        return (params, grads, states), (flat_p, flat_m, flat_v)
+
+    (ours, flats_ours), (ref, flats_ref) = build(0), build(0)
+    assert not ours[0][2].is_contiguous() and ours[0][0].storage_offset() == 3
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False, step=1, grad_scale=0.5)
+    F.adam_step(*ours, backend="cpu", **kw)
+    F.adam_step(*ref, backend="torch", **kw)
+    assert_match(ours, ref)
+    for a, b in zip(flats_ours, flats_ref):  # untouched elements of the flat buffers stay untouched
+        assert torch.equal(a[:3], b[:3]) and torch.equal(a[-1:], b[-1:])
+
+
+def test_one_call_per_dtype_bucket(monkeypatch):
+    from cpu_kernels import _build
+
+    calls = []
+    lib = _build.library()
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(lib, name)
+            return lambda *a: calls.append(name) or fn(*a)
+
+    monkeypatch.setattr("cpu_kernels.launch.library", lambda: Spy())
+    params = [torch.randn(n, dtype=d) for n, d in [(5, torch.float32), (9, torch.bfloat16), (3, torch.float32), (0, torch.float16)]]
+    grads = [torch.randn_like(p) for p in params]
+    states = {"exp_avg": [torch.zeros(p.numel()) for p in params], "exp_avg_sq": [torch.zeros(p.numel()) for p in params]}
+    ref = clone(params, grads, states)
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False, step=1)
+    F.adam_step(params, grads, states, backend="cpu", **kw)
+    F.adam_step(*ref, backend="torch", **kw)
+    assert calls == ["dist_optim_step", "dist_optim_step"]  # fp32 and bf16; the empty fp16 one needs none
+    assert_match((params, grads, states), ref)
+
+
+def test_threads_follow_torch_and_do_not_change_results():
+    """The kernels use torch.get_num_threads() threads over fixed chunks: any count, same bits."""
+    data = make(torch.float32, ["exp_avg", "exp_avg_sq"], sizes=[100003, 5, 40000])
+    other = clone(*data)
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False, step=3)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        F.adam_step(*data, backend="cpu", **kw)
+        one = F.grad_sumsq_and_flag(data[1], backend="cpu")
+        torch.set_num_threads(max(2, before))
+        F.adam_step(*other, backend="cpu", **kw)
+        many = F.grad_sumsq_and_flag(other[1], backend="cpu")
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(data[0] + data[2]["exp_avg"], other[0] + other[2]["exp_avg"]):
+        assert torch.equal(a, b)
+    assert torch.equal(one, many)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_sumsq_matches_torch(dtype):
+    _, grads, _ = make(dtype, [])
+    ours = F.grad_sumsq_and_flag(grads, backend="cpu")
+    ref = F.grad_sumsq_and_flag(grads, backend="torch")
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=0)
+    assert ours.dtype == torch.float32 and ours[1] == 0
+    assert torch.equal(ours, F.grad_sumsq_and_flag(grads, backend="cpu"))  # bitwise reproducible
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 500, 70000])
+def test_sumsq_flags_nonfinite(bad, where):
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(3, generator=gen), torch.randn(70001, generator=gen).bfloat16(), torch.zeros(0)]
+    grads[1][where] = bad
+    assert F.grad_sumsq_and_flag(grads, backend="cpu")[1] == 1
+
+
+def test_sumsq_overflow_is_flagged_like_the_torch_path():
+    grads = [torch.full((4,), 3e38)]
+    ours, ref = F.grad_sumsq_and_flag(grads, backend="cpu"), F.grad_sumsq_and_flag(grads, backend="torch")
+    assert ours[1] == 1 and ref[1] == 1
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_optimizer_auto_on_cpu_equals_torch_backend(name, dtype):
+    """Each class with backend="auto" (the CPU kernels) over 10 steps against backend="torch", clipping
+    on (the fused sum of squares sets the scale), awkward params (size 1, odd, empty, grad None on some
+    steps, frozen). fp32: rtol 1e-5 / atol 1e-6, per-step ulps carried through 10 steps and the clip
+    coefficient. bf16: 10 steps of one-ulp rounding differences can compound, so two bf16 ulps."""
+    p_cpu, p_ref = make_params(dtype), make_params(dtype)
+    ours = CONFIGS[name](p_cpu, backend="auto", max_grad_norm=2.0)
+    ref = CONFIGS[name](p_ref, backend="torch", max_grad_norm=2.0)
+    run(ours, p_cpu, 0, 10, scale=3.0)
+    run(ref, p_ref, 0, 10, scale=3.0)
+    assert ours.last_grad_norm == pytest.approx(ref.last_grad_norm, rel=1e-5)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 * 2**-7, atol=1e-3)
+    for a, b in zip(p_cpu, p_ref):
+        torch.testing.assert_close(a, b, **tol)
+    for a, b in zip(p_cpu, p_ref):
+        for key, value in ours.state.get(a, {}).items():
+            torch.testing.assert_close(value, ref.state[b][key], msg=key, **tol)
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_nonfinite_skip_on_cpu_backend_changes_nothing(maximize):
+    params = make_params()
+    opt = dist_optim_adamw(params, maximize)
+    run(opt, params, 0, 2)
+    before = [p.detach().clone() for p in params], {k: v.clone() for k, v in opt.state[params[0]].items()}
+    for p in params:
+        if p.requires_grad:
+            p.grad = torch.randn(p.shape)
+    params[2].grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.skipped_steps == 1
+    for a, b in zip(params, before[0]):
+        assert torch.equal(a, b)
+    for k, v in opt.state[params[0]].items():
+        assert torch.equal(v, before[1][k])
+
+
+def dist_optim_adamw(params, maximize):
+    import dist_optim
+
+    return dist_optim.AdamW(params, lr=0.01, maximize=maximize, max_grad_norm=1.0, backend="cpu")
