@@ -51,6 +51,13 @@ class TinyLM(nn.Module):
         # A branch some steps skip: its params get no grad on those steps.
         self.aux = nn.Linear(DIM, VOCAB) if aux else None
 
+    # What accelerate's fsdp2_prepare_model looks for on a transformers model.
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embed
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.head
+
     def forward(self, ids: torch.Tensor, use_aux: bool = True) -> torch.Tensor:
         h = self.embed(ids)
         for block in self.blocks:
@@ -275,6 +282,8 @@ def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: b
     opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm)
     _train_steps(net, opt, 0, before)
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
+    flat = all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in optim_sd)
+    assert flat == flatten, sorted(optim_sd)[:4]
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root)
     _train_steps(net, opt, before, before + after)
     uninterrupted = (named_full_params(net), named_full_state(net, opt), opt.skipped_steps)
@@ -293,37 +302,60 @@ def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: b
 # --- accelerate's FSDP2 parameter swap -------------------------------------------------------------
 
 def accelerate_prepare(net: nn.Module, opt) -> nn.Module:
-    """What ``Accelerator._prepare_fsdp2`` does to a model and the optimizer built on its plain params
-    (accelerate 1.x): remember each param's data_ptr by name, swap the optimizer's params for
-    1-element placeholders carrying that data_ptr, shard (``fsdp2_prepare_model`` with a
-    transformer-block wrap policy, no mesh: ``fully_shard(block)`` per block, then the root), map
-    old data_ptr -> new sharded param by name and call ``fsdp2_switch_optimizer_parameters``.
-    Accelerate's plugin does not shard on CPU, so its steps are driven here directly."""
-    from accelerate.utils.fsdp_utils import fsdp2_canonicalize_names, fsdp2_switch_optimizer_parameters
+    """What ``Accelerator._prepare_fsdp2`` does to a model and the optimizer built on its plain
+    params (accelerate 1.x): remember each param's data_ptr by name, swap the optimizer's params for
+    1-element placeholders carrying that data_ptr, shard with accelerate's own
+    ``fsdp2_prepare_model`` (a transformer-block wrap policy and no mesh: ``fully_shard`` per Block,
+    the embedding, [final norm, head] as one unit, then the root), map old data_ptr -> new sharded
+    param by name and call ``fsdp2_switch_optimizer_parameters``. ``Accelerator.prepare`` does not
+    shard on CPU, so an object carrying only what ``fsdp2_prepare_model`` reads stands in for it."""
+    from types import SimpleNamespace
 
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import (
+        fsdp2_canonicalize_names,
+        fsdp2_prepare_model,
+        fsdp2_switch_optimizer_parameters,
+    )
+
+    plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["Block"],
+        reshard_after_forward=True,
+        cpu_ram_efficient_loading=False,
+    )
+    accelerator = SimpleNamespace(
+        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no", is_main_process=True
+    )
+    # Accelerator._get_named_parameters(..., drop_refs=True), then the placeholder swap.
     old_named_params = fsdp2_canonicalize_names({n: p.data_ptr() for n, p in net.named_parameters()})
     for group in opt.param_groups:
         for i, p in enumerate(group["params"]):
             group["params"][i] = torch.empty(1, dtype=p.dtype, device=p.device)
             group["params"][i].data_ptr = p.data_ptr()
-    net = shard_per_block(net, mesh=None, reshard_after_forward=True)
+    net = fsdp2_prepare_model(accelerator, net)
     new_named_params = fsdp2_canonicalize_names(dict(net.named_parameters()))
     mapping = {p: new_named_params[n] for n, p in old_named_params.items()}
     fsdp2_switch_optimizer_parameters(opt, mapping)
     return net
 
 
-def run_accelerate_swap(name: str, steps: int, max_grad_norm: float | None):
+def run_accelerate_swap(name: str, steps: int, max_grad_norm: float | None, tied: bool):
+    from torch.distributed.fsdp import FSDPModule
+
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for side in ("ours", "torch"):
-        net = make_model()
+        net = make_model(tied=tied)
         groups = param_groups(net, two_groups=True)
         opt = ours(name, groups, max_grad_norm=max_grad_norm) if side == "ours" else reference(name, groups)
-        net = accelerate_prepare(net, opt if side == "ours" or not isinstance(opt, PlainLookahead) else opt.inner)
+        net = accelerate_prepare(net, opt.inner if isinstance(opt, PlainLookahead) else opt)
         if isinstance(opt, PlainLookahead):
             opt.params = [p for g in opt.inner.param_groups for p in g["params"]]
         assert all(hasattr(p, "full_tensor") for g in opt.param_groups for p in g["params"])
+        wrapped = {n for n, m in net.named_modules() if isinstance(m, FSDPModule)}
+        assert wrapped == {"", "blocks.0", "blocks.1", "embed", "norm", "head"}, wrapped
         norms = []
         for step in range(steps):
             ids, targets = global_batch(step, world)
@@ -401,7 +433,10 @@ def run_mesh_pair(layout: str, name: str, steps: int, max_grad_norm: float | Non
             if side == "ours":
                 norms.append(opt.last_grad_norm)
         results[side] = (named_full_params(net), named_full_state(net, opt), norms)
-        results[side + "_placements"] = {n: str(getattr(p, "placements", None)) for n, p in net.named_parameters()}
+        # Per param: its mesh's ndim and, per mesh dim, whether the param is replicated along it.
+        results[side + "_layout"] = {
+            n: (p.device_mesh.ndim, tuple(pl.is_replicate() for pl in p.placements)) for n, p in net.named_parameters()
+        }
     return results
 
 

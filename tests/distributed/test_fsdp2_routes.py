@@ -128,10 +128,11 @@ def test_dcp_round_trip_resumes_exactly(world, tmp_path, name, flatten):
             assert all("slow_buffer" in state[n] for n in state)  # slow weights went through DCP
 
 
-@pytest.mark.parametrize("name", ["AdamW", "Ranger"])
-def test_accelerate_fsdp2_parameter_swap_equals_torch_optim(world, name):
+@pytest.mark.parametrize("name,tied", [("AdamW", False), ("Ranger", False), ("AdamW", True)])
+def test_accelerate_fsdp2_parameter_swap_equals_torch_optim(world, name, tied):
     """The optimizer is built on the plain model; accelerate's ``prepare`` swaps its params for
-    placeholders, shards, and hands it the sharded params through
+    placeholders, shards with ``fsdp2_prepare_model`` (per-block units, the embedding, the
+    [final norm, head] tail, the root: no mesh) and hands it the sharded params through
     ``fsdp2_switch_optimizer_parameters``. Both optimizers go through exactly that."""
-    results = world.run(cases.run_accelerate_swap, name, STEPS, CLIP)
+    results = world.run(cases.run_accelerate_swap, name, STEPS, CLIP, tied)
     assert_same_as_torch(results, clipping=True)
