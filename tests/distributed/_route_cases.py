@@ -457,3 +457,38 @@ def one_process(name: str, steps: int, n_data: int, max_grad_norm: float | None,
         if side == "ours":
             norms.append(opt.last_grad_norm)
     return named_full_params(net), norms
+
+
+# --- non-finite agreement --------------------------------------------------------------------------
+
+def run_nan_on_the_last_rank(layout: str, name: str, param: str):
+    """Two good steps with clipping, then a step where only the last rank's local grad of ``param``
+    holds a NaN (under TP x FSDP that rank is a "tp" replica whose copy of a DP-only norm is not
+    counted in the norm: its flag must count all the same). Every rank must skip it, changing nothing."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    net = make_model()
+    if layout == "tp":
+        net, index, n_data = tp_fsdp_shard(net)
+    elif layout == "hsdp":
+        net, index, n_data = hsdp_shard(net), rank, world
+    else:
+        net, index, n_data = shard_per_block(net), rank, world
+    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=0.05)
+    for step in range(3):
+        ids, targets = global_batch(step, n_data)
+        lm_loss(net, data_slice(ids, index, n_data), data_slice(targets, index, n_data)).backward()
+        if step == 2:
+            before = (named_full_params(net), named_full_state(net, opt))
+            if rank == world - 1:
+                grad = dict(net.named_parameters())[param].grad
+                local = grad.to_local() if hasattr(grad, "to_local") else grad
+                assert local.numel() > 0
+                local.view(-1)[0] = float("nan")
+        opt.step()
+        opt.zero_grad()
+    after = (named_full_params(net), named_full_state(net, opt))
+    same_params = all(torch.equal(before[0][n], after[0][n]) for n in before[0])
+    same_state = all(
+        torch.equal(before[1][n][k], after[1][n][k]) for n in before[1] for k in before[1][n]
+    ) and all(before[1][n].keys() == after[1][n].keys() for n in before[1])
+    return opt.skipped_steps, same_params, same_state

@@ -108,6 +108,13 @@ def test_two_param_groups_without_decay_on_norms_and_biases_equal_torch_optim(wo
     assert not torch.allclose(results[0]["ours"][0]["norm.weight"], one_group["norm.weight"], rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["AdamW", "Ranger"])
+def test_nan_on_one_rank_is_skipped_on_every_rank_without_a_mesh(world, name):
+    """nonfinite="skip" under per-block meshes: one rank's NaN skips the step everywhere, nothing moves."""
+    for skipped, same_params, same_state in world.run(cases.run_nan_on_the_last_rank, "per_block", name, "blocks.1.up.weight"):
+        assert skipped == 1 and same_params and same_state
+
+
 @pytest.mark.parametrize("flatten", [False, True], ids=["nested", "flattened"])
 @pytest.mark.parametrize("name", ["AdamW", "Ranger", "Lookahead(AdamW)"])
 def test_dcp_round_trip_resumes_exactly(world, tmp_path, name, flatten):
