@@ -1,25 +1,50 @@
-"""Pieces every kernel shares: where this program's chunk is, typed pointers from the tables, and
-lerp computed as torch computes it (so the kernels match the torch path to the last bit where the
-arithmetic allows)."""
+"""Pieces every kernel shares: where this program's chunk is, typed chunk pointers from the tables,
+and lerp computed as torch computes it (so the kernels match the torch path to the last bit where
+the arithmetic allows).
+
+Every update kernel has the same shape (see _multi_tensor for the tables)::
+
+    t, start, end, fast = chunk_of(CHUNKS)
+    if fast:   # a full chunk of a tensor whose pointers are all 16-byte aligned
+        p = aligned_base(P, t, start, P_DTYPE)              # int64 base, alignment hint
+        for off in range(0, CHUNK, BLOCK):
+            block(p, ..., off + tl.arange(0, BLOCK), None)  # no mask: 128-bit accesses
+    else:      # a tail, or a tensor at an odd address
+        p = chunk_base(P, t, start, P_DTYPE)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            block(p, ..., offs, offs < end - start)
+
+The bases are built inside each branch: ``tl.multiple_of`` marks the operation that defines its
+argument, so a base shared by both branches would carry the hint into the unaligned one.
+"""
 
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def chunk_of(NUMEL, CHUNK_T, CHUNK_S):
-    """(tensor index, first element, tensor size) of this program's chunk."""
-    pid = tl.program_id(0)
-    t = tl.load(CHUNK_T + pid)
-    return t, tl.load(CHUNK_S + pid), tl.load(NUMEL + t)
+ALIGN: tl.constexpr = tl.constexpr(16)  # bytes; _multi_tensor.ALIGN decides which chunks are fast
 
 
 @triton.jit
-def typed(TABLE, t, DTYPE: tl.constexpr):
-    """Tensor t's data pointer from a pointer table, as a pointer to DTYPE."""
-    return tl.load(TABLE + t).to(tl.pointer_type(DTYPE))
+def chunk_of(CHUNKS):
+    """(tensor index, first element, end element, fast) of this program's chunk, all int64."""
+    row = CHUNKS + tl.program_id(0).to(tl.int64) * 4
+    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3) != 0
+
+
+@triton.jit
+def chunk_base(TABLE, t, start, DTYPE: tl.constexpr):
+    """Tensor t's data pointer from a pointer table, as a DTYPE pointer, advanced to element
+    ``start`` (int64 arithmetic)."""
+    return tl.load(TABLE + t).to(tl.pointer_type(DTYPE)) + start
+
+
+@triton.jit
+def aligned_base(TABLE, t, start, DTYPE: tl.constexpr):
+    """chunk_base of a fast chunk, with its 16-byte alignment made visible to the compiler."""
+    return tl.multiple_of(tl.load(TABLE + t).to(tl.pointer_type(DTYPE)) + start, ALIGN)
 
 
 @triton.jit

@@ -1,9 +1,20 @@
 """One launch per (param dtype, grad dtype, device) bucket over many tensors, through pointer tables.
 
-For a bucket the launcher builds, on the device, one int64 table of data pointers per role (param,
-grad, each state), the tensors' sizes, and a chunk table: program i handles elements
-[chunk_start[i], chunk_start[i] + CHUNK) of tensor chunk_tensor[i], in BLOCK-sized steps. Empty
-tensors get no program.
+For a bucket the launcher has, on the device, one int64 table of data pointers per role (param,
+grad, each state) and an int64 chunk table with one row per program: (tensor index, first element,
+end element, fast). Program i handles elements [first, end) of its tensor, at most CHUNK of them,
+in BLOCK-sized steps. Empty tensors get no program.
+
+A chunk is *fast* when it is full (CHUNK elements) and every role's data pointer for its tensor is
+16-byte aligned: the kernel then runs it without masks and tells the compiler the alignment, which
+is what lets it use 128-bit loads and stores. Any other chunk (a tensor's tail, or a tensor that
+is a view at an odd offset, e.g. a slice of a ZeRO flat buffer) runs masked with element-wise
+accesses. Chunk starts are multiples of CHUNK, so an aligned tensor's full chunks are aligned too.
+Addresses are int64: a chunk's base is pointer + int64 start, and offsets inside a chunk are
+below CHUNK.
+
+Tables depend only on the pointers and sizes, so they are cached (``TableCache``, bounded) under
+exactly that key: a step over the same storage reuses them, and any storage change misses.
 
 Block sizes are fixed rather than autotuned: the kernels update in place through pointer tables,
 and triton.autotune's benchmarking would replay the update on the real tensors (its restore_value
@@ -13,16 +24,20 @@ to the choice past 1024 elements x 4 warps.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 from collections.abc import Sequence
 
 import torch
 
+from . import _launch
 from ._support import interpreting
 
 # Interpreter sizes are small so that tests at a few thousand elements cross chunk and block edges.
-CHUNK, BLOCK = (256, 64) if interpreting() else (16384, 1024)
+GPU_CHUNK, GPU_BLOCK = 16384, 1024
+CHUNK, BLOCK = (256, 64) if interpreting() else (GPU_CHUNK, GPU_BLOCK)
 NUM_WARPS = 4
+ALIGN = 16  # bytes: one 128-bit access
+CHUNK_ROW = 4  # int64 fields per chunk-table row: tensor index, first element, end element, fast
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -57,41 +72,71 @@ def buckets(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None
     return out
 
 
-def _pointers(tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+def chunk_rows(numels: Sequence[int], aligned: Sequence[bool], chunk: int = CHUNK) -> list[int]:
+    """The chunk table, flattened: (tensor index, first, end, fast) per chunk."""
+    rows: list[int] = []
+    for j, (n, ok) in enumerate(zip(numels, aligned)):
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            rows += (j, start, end, int(ok and end - start == chunk))
+    return rows
+
+
+class TableCache:
+    """Device tables keyed on (device, pointers per role, sizes); least recently used out first."""
+
+    def __init__(self, maxsize: int = 32):
+        self.maxsize = maxsize
+        self._tables: OrderedDict = OrderedDict()
+        self.builds = 0  # tables built so far (tests count them)
+
+    def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device):
+        """(pointer table per role — the first role's stands in for absent ones, which the kernel's
+        constexpr switches never read — chunk table, number of chunks)."""
+        first = [roles[0][i] for i in idx]
+        ptrs = tuple(tuple(role[i].data_ptr() for i in idx) if role is not None else None for role in roles)
+        numels = tuple(t.numel() for t in first)
+        key = (device, ptrs, numels)
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+            return hit
+        self.builds += 1
+        filled = [p if p is not None else ptrs[0] for p in ptrs]
+        aligned = [all(p[j] % ALIGN == 0 for p in filled) for j in range(len(idx))]
+        rows = chunk_rows(numels, aligned)
+        built = (
+            [torch.tensor(p, dtype=torch.int64, device=device) for p in filled],
+            torch.tensor(rows, dtype=torch.int64, device=device),
+            len(rows) // CHUNK_ROW,
+        )
+        self._tables[key] = built
+        if len(self._tables) > self.maxsize:
+            self._tables.popitem(last=False)
+        return built
+
+
+# Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use.
+TABLES = TableCache()
 
 
 def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device):
-    """(pointer table per role — the first role's stands in for absent ones, which the kernel's
-    constexpr switches never read — sizes, chunk tensor index, chunk start, number of chunks)."""
-    first = [roles[0][i] for i in idx]
-    numels = [t.numel() for t in first]
-    chunk_tensor, chunk_start = [], []
-    for j, n in enumerate(numels):
-        for start in range(0, n, CHUNK):
-            chunk_tensor.append(j)
-            chunk_start.append(start)
-    ptrs = [_pointers([role[i] for i in idx] if role is not None else first, device) for role in roles]
-    return (
-        ptrs,
-        torch.tensor(numels, dtype=torch.int64, device=device),
-        torch.tensor(chunk_tensor, dtype=torch.int32, device=device),
-        torch.tensor(chunk_start, dtype=torch.int64, device=device),
-        len(chunk_tensor),
-    )
+    return TABLES.get(roles, idx, device)
 
 
 def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence[float], **constexprs) -> None:
-    """Run an update kernel ``kernel[(chunks,)](P, G, *states, NUMEL, CHUNK_T, CHUNK_S, *scalars, ...)``
-    once per bucket. ``states`` entries may be None (the kernel's switches say they are absent)."""
+    """Run an update kernel ``kernel[(chunks,)](P, G, *states, CHUNKS, *scalars, ...)`` once per
+    bucket. ``states`` entries may be None (the kernel's switches say they are absent). Python
+    scalars go in as floats, so an int hyperparameter (``lr=1``) compiles no other specialization."""
     check("grads", params, grads, fp32=False)
     for s in states:
         if s is not None:
             check("state", params, s, fp32=True)
+    scalars = [float(s) if isinstance(s, (int, float)) else s for s in scalars]
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
-        ptrs, numels, chunk_t, chunk_s, n = tables([params, grads, *states], idx, device)
-        kernel[(n,)](
-            *ptrs, numels, chunk_t, chunk_s, *scalars,
+        ptrs, chunks, n = tables([params, grads, *states], idx, device)
+        _launch.run(
+            kernel, (n,), device, *ptrs, chunks, *scalars,
             P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
             **constexprs,
         )

@@ -6,23 +6,34 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, load_param_and_grad, typed
+from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad
 
 
 @triton.jit
-def _adagrad_kernel(P, G, S, NUMEL, CHUNK_T, CHUNK_S, clr, weight_decay, eps, grad_scale,
+def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, clr, weight_decay, eps, grad_scale,
+                   P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr):
+    p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
+    s = tl.load(s_ptr + offs, mask=mask) + g * g
+    tl.store(s_ptr + offs, s, mask=mask)
+    p = p + (g * (-clr)) / (tl.sqrt(s) + eps)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adagrad_kernel(P, G, S, CHUNKS, clr, weight_decay, eps, grad_scale,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                     HAS_WD: tl.constexpr):
-    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
-    p_ptr, g_ptr, s_ptr = typed(P, t, P_DTYPE), typed(G, t, G_DTYPE), typed(S, t, tl.float32)
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < n
-        p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
-        s = tl.load(s_ptr + offs, mask=mask) + g * g
-        tl.store(s_ptr + offs, s, mask=mask)
-        p = p + (g * (-clr)) / (tl.sqrt(s) + eps)
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    t, start, end, fast = chunk_of(CHUNKS)
+    if fast:
+        p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
+        s = aligned_base(S, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            _adagrad_block(p, g, s, off + tl.arange(0, BLOCK), None, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
+    else:
+        p, g, s = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE), chunk_base(S, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _adagrad_block(p, g, s, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
 
 
 def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale) -> None:

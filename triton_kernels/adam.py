@@ -6,28 +6,44 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, moments, typed
+from ._jit import aligned_base, chunk_base, chunk_of, moments
 
 
 @triton.jit
-def _adam_kernel(P, G, M, V, VMAX, NUMEL, CHUNK_T, CHUNK_S, lr, beta1, beta2, eps, weight_decay, step_size,
+def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, lr, beta1, beta2, eps, weight_decay, step_size,
+                bias_correction2_sqrt, grad_scale, P_DTYPE: tl.constexpr,
+                HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr):
+    p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
+                      HAS_WD, DECOUPLED, LERP_LOW)
+    if AMSGRAD:
+        v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
+        tl.store(vmax_ptr + offs, v, mask=mask)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    p = p + (-step_size) * (m / denom)
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adam_kernel(P, G, M, V, VMAX, CHUNKS, lr, beta1, beta2, eps, weight_decay, step_size,
                  bias_correction2_sqrt, grad_scale,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr):
-    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
-    p_ptr, g_ptr = typed(P, t, P_DTYPE), typed(G, t, G_DTYPE)
-    m_ptr, v_ptr, vmax_ptr = typed(M, t, tl.float32), typed(V, t, tl.float32), typed(VMAX, t, tl.float32)
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < n
-        p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
-                          HAS_WD, DECOUPLED, LERP_LOW)
-        if AMSGRAD:
-            v = tl.maximum(tl.load(vmax_ptr + offs, mask=mask), v)
-            tl.store(vmax_ptr + offs, v, mask=mask)
-        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        p = p + (-step_size) * (m / denom)
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    t, start, end, fast = chunk_of(CHUNKS)
+    if fast:
+        p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
+        m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
+        vmax = aligned_base(VMAX, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            _adam_block(p, g, m, v, vmax, off + tl.arange(0, BLOCK), None, lr, beta1, beta2, eps, weight_decay,
+                        step_size, bias_correction2_sqrt, grad_scale, P_DTYPE, HAS_WD, DECOUPLED, AMSGRAD, LERP_LOW)
+    else:
+        p, g = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE)
+        m, v = chunk_base(M, t, start, tl.float32), chunk_base(V, t, start, tl.float32)
+        vmax = chunk_base(VMAX, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _adam_block(p, g, m, v, vmax, offs, offs < end - start, lr, beta1, beta2, eps, weight_decay,
+                        step_size, bias_correction2_sqrt, grad_scale, P_DTYPE, HAS_WD, DECOUPLED, AMSGRAD, LERP_LOW)
 
 
 def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size,

@@ -11,35 +11,48 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._support import interpreting
 
-BLOCK = 64 if interpreting() else 2048
+GPU_BLOCK = 1024
+BLOCK = 64 if interpreting() else GPU_BLOCK
 
 
-@triton.jit
+# Sizes and strides are not specialized on (a growing history would otherwise compile new
+# variants mid-run: rows == 1, strides divisible by 16); all index arithmetic is int64, since
+# (rows - 1) * row_stride + n passes 2^31 at ~21.5M elements with a 100-row history.
+@triton.jit(do_not_specialize=["n", "rows", "row_stride"])
 def _dots_kernel(V, H, OUT, n, rows, row_stride, NVEC: tl.constexpr, BLOCK: tl.constexpr):
     # OUT[r, j, chunk] = H[r, chunk] . V[j, chunk]; each history row is read once for all NVEC vectors.
-    chunk = tl.program_id(0)
-    chunks = tl.num_programs(0)
+    chunk = tl.program_id(0).to(tl.int64)
+    chunks = tl.num_programs(0).to(tl.int64)
     offs = chunk * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
+    n64 = n.to(tl.int64)
+    stride = row_stride.to(tl.int64)
     for r in range(0, rows):
-        h = tl.load(H + r * row_stride + offs, mask=mask, other=0.0)
+        h = tl.load(H + r * stride + offs, mask=mask, other=0.0)
         for j in tl.static_range(NVEC):
-            v = tl.load(V + j * n + offs, mask=mask, other=0.0)
+            v = tl.load(V + j * n64 + offs, mask=mask, other=0.0)
             tl.store(OUT + (r * NVEC + j) * chunks + chunk, tl.sum(h * v, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "rows", "row_stride"])
 def _combine_kernel(G, Y, S, WY, WS, D, n, rows, row_stride, c_g, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    # Rows whose two weights are zero are not read: the rows not yet filled (and any the two-loop
+    # gives no weight), so an early step reads only the filled part of the history.
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * c_g
+    stride = row_stride.to(tl.int64)
     for r in range(0, rows):
         wy = tl.load(WY + r)
         ws = tl.load(WS + r)
-        acc += wy * tl.load(Y + r * row_stride + offs, mask=mask, other=0.0)
-        acc += ws * tl.load(S + r * row_stride + offs, mask=mask, other=0.0)
+        row = r * stride
+        if wy != 0.0:
+            acc += wy * tl.load(Y + row + offs, mask=mask, other=0.0)
+        if ws != 0.0:
+            acc += ws * tl.load(S + row + offs, mask=mask, other=0.0)
     tl.store(D + offs, acc, mask=mask)
 
 
@@ -61,7 +74,7 @@ def history_dots(v: torch.Tensor, Y: torch.Tensor, S: torch.Tensor) -> tuple[tor
     out = []
     for H in (S, Y):
         partial = torch.empty(m, nvec, chunks, dtype=torch.float32, device=v.device)
-        _dots_kernel[(chunks,)](vectors, H, partial, n, m, H.stride(0), NVEC=nvec, BLOCK=BLOCK)
+        _launch.run(_dots_kernel, (chunks,), v.device, vectors, H, partial, n, m, H.stride(0), NVEC=nvec, BLOCK=BLOCK)
         dots = partial.sum(dim=2)
         out.append(dots[:, 0] if v.dim() == 1 else dots)
     return out[0], out[1]
@@ -72,5 +85,6 @@ def combine(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, wy: t
     _check(g, Y, S)
     n = g.numel()
     d = torch.empty_like(g)
-    _combine_kernel[(triton.cdiv(n, BLOCK),)](g, Y, S, wy, ws, d, n, Y.shape[0], Y.stride(0), float(c_g), BLOCK=BLOCK)
+    _launch.run(_combine_kernel, (triton.cdiv(n, BLOCK),), g.device, g, Y, S, wy, ws, d, n, Y.shape[0], Y.stride(0),
+                float(c_g), BLOCK=BLOCK)
     return d

@@ -8,22 +8,30 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _multi_tensor
-from ._jit import chunk_of, typed
+from . import _launch, _multi_tensor
+from ._jit import aligned_base, chunk_base, chunk_of
 
 
 @triton.jit
-def _sumsq_kernel(G, OUT_SQ, OUT_BAD, NUMEL, CHUNK_T, CHUNK_S,
-                  G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
-    g_ptr = typed(G, t, G_DTYPE)
+def _sumsq_block(g, acc, bad):
+    g = g.to(tl.float32)
+    return acc + g * g, bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+
+
+@triton.jit
+def _sumsq_kernel(G, OUT_SQ, OUT_BAD, CHUNKS, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        g = tl.load(g_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        acc += g * g
-        bad = bad | ((g != g) | (tl.abs(g) == float("inf"))).to(tl.int32)
+    if fast:
+        g = aligned_base(G, t, start, G_DTYPE)
+        for off in range(0, CHUNK, BLOCK):
+            acc, bad = _sumsq_block(tl.load(g + off + tl.arange(0, BLOCK)), acc, bad)
+    else:
+        g = chunk_base(G, t, start, G_DTYPE)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            acc, bad = _sumsq_block(tl.load(g + offs, mask=offs < end - start, other=0.0), acc, bad)
     pid = tl.program_id(0)
     tl.store(OUT_SQ + pid, tl.sum(acc, axis=0))
     tl.store(OUT_BAD + pid, tl.max(bad, axis=0))
@@ -37,11 +45,11 @@ def sumsq_nonfinite(grads) -> torch.Tensor:
     for (g_dtype, _, device), idx in _multi_tensor.buckets(grads).items():
         for i in idx:
             _multi_tensor.check("grads", [grads[i]], [grads[i]], fp32=False)
-        (ptrs,), numels, chunk_t, chunk_s, n = _multi_tensor.tables([grads], idx, device)
+        (ptrs,), chunks, n = _multi_tensor.tables([grads], idx, device)
         sq = torch.empty(n, dtype=torch.float32, device=device)
         bad = torch.empty(n, dtype=torch.int32, device=device)
-        _sumsq_kernel[(n,)](
-            ptrs, sq, bad, numels, chunk_t, chunk_s,
+        _launch.run(
+            _sumsq_kernel, (n,), device, ptrs, sq, bad, chunks,
             G_DTYPE=_multi_tensor.tl_dtype(g_dtype), CHUNK=_multi_tensor.CHUNK, BLOCK=_multi_tensor.BLOCK,
             num_warps=_multi_tensor.NUM_WARPS,
         )

@@ -7,49 +7,74 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import chunk_of, moments, typed
+from ._jit import aligned_base, chunk_base, chunk_of, moments
 
 
 @triton.jit
-def _radam_kernel(P, G, M, V, SLOW, NUMEL, CHUNK_T, CHUNK_S, lr, beta1, beta2, eps, weight_decay, step_size,
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, offs, mask, lr, beta1, beta2, eps, weight_decay, step_size,
+                 lookahead_alpha, grad_scale, P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr,
+                 RECTIFIED: tl.constexpr, SYNC: tl.constexpr, LERP_LOW: tl.constexpr):
+    p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
+                      HAS_WD, DECOUPLED, LERP_LOW)
+    if RECTIFIED:
+        p = p + (-step_size) * (m / (tl.sqrt(v) + eps))
+    else:
+        p = p + (-step_size) * m
+    if SYNC:  # the fp32 result feeds the slow weights before any rounding to the param dtype
+        slow = tl.load(slow_ptr + offs, mask=mask)
+        slow = slow + lookahead_alpha * (p - slow)
+        tl.store(slow_ptr + offs, slow, mask=mask)
+        p = slow
+    tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _radam_kernel(P, G, M, V, SLOW, CHUNKS, lr, beta1, beta2, eps, weight_decay, step_size,
                   lookahead_alpha, grad_scale,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
                   LERP_LOW: tl.constexpr):
-    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
-    p_ptr, g_ptr = typed(P, t, P_DTYPE), typed(G, t, G_DTYPE)
-    m_ptr, v_ptr, slow_ptr = typed(M, t, tl.float32), typed(V, t, tl.float32), typed(SLOW, t, tl.float32)
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < n
-        p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
-                          HAS_WD, DECOUPLED, LERP_LOW)
-        if RECTIFIED:
-            p = p + (-step_size) * (m / (tl.sqrt(v) + eps))
-        else:
-            p = p + (-step_size) * m
-        if SYNC:  # the fp32 result feeds the slow weights before any rounding to the param dtype
-            slow = tl.load(slow_ptr + offs, mask=mask)
-            slow = slow + lookahead_alpha * (p - slow)
-            tl.store(slow_ptr + offs, slow, mask=mask)
-            p = slow
-        tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
+    t, start, end, fast = chunk_of(CHUNKS)
+    if fast:
+        p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
+        m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
+        slow = aligned_base(SLOW, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            _radam_block(p, g, m, v, slow, off + tl.arange(0, BLOCK), None, lr, beta1, beta2, eps, weight_decay,
+                         step_size, lookahead_alpha, grad_scale, P_DTYPE, HAS_WD, DECOUPLED, RECTIFIED, SYNC, LERP_LOW)
+    else:
+        p, g = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE)
+        m, v = chunk_base(M, t, start, tl.float32), chunk_base(V, t, start, tl.float32)
+        slow = chunk_base(SLOW, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _radam_block(p, g, m, v, slow, offs, offs < end - start, lr, beta1, beta2, eps, weight_decay,
+                         step_size, lookahead_alpha, grad_scale, P_DTYPE, HAS_WD, DECOUPLED, RECTIFIED, SYNC, LERP_LOW)
 
 
 @triton.jit
-def _sync_kernel(P, G, SLOW, NUMEL, CHUNK_T, CHUNK_S, alpha,
+def _sync_block(p_ptr, slow_ptr, offs, mask, alpha, P_DTYPE: tl.constexpr):
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    slow = tl.load(slow_ptr + offs, mask=mask)
+    slow = slow + alpha * (p - slow)
+    tl.store(slow_ptr + offs, slow, mask=mask)
+    tl.store(p_ptr + offs, slow.to(P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _sync_kernel(P, G, SLOW, CHUNKS, alpha,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # G is the launcher's grad role, unused: the sync reads no gradient.
-    t, start, n = chunk_of(NUMEL, CHUNK_T, CHUNK_S)
-    p_ptr, slow_ptr = typed(P, t, P_DTYPE), typed(SLOW, t, tl.float32)
-    for off in range(0, CHUNK, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        mask = offs < n
-        p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-        slow = tl.load(slow_ptr + offs, mask=mask)
-        slow = slow + alpha * (p - slow)
-        tl.store(slow_ptr + offs, slow, mask=mask)
-        tl.store(p_ptr + offs, slow.to(P_DTYPE), mask=mask)
+    t, start, end, fast = chunk_of(CHUNKS)
+    if fast:
+        p, slow = aligned_base(P, t, start, P_DTYPE), aligned_base(SLOW, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            _sync_block(p, slow, off + tl.arange(0, BLOCK), None, alpha, P_DTYPE)
+    else:
+        p, slow = chunk_base(P, t, start, P_DTYPE), chunk_base(SLOW, t, start, tl.float32)
+        for off in range(0, CHUNK, BLOCK):
+            offs = off + tl.arange(0, BLOCK)
+            _sync_block(p, slow, offs, offs < end - start, alpha, P_DTYPE)
 
 
 def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,

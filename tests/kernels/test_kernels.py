@@ -18,7 +18,9 @@ import torch
 import dist_optim.functional as F
 import triton_kernels
 
-SIZES = [1, 7, 1003, 0, 601]
+# Under the interpreter a chunk is 256 elements: 512 is two full chunks and no tail, 1003 three full
+# chunks and a tail of 235, the rest a tail only.
+SIZES = [1, 7, 1003, 0, 601, 512]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
 
@@ -31,21 +33,34 @@ def device(request):
     return dev
 
 
-def make(dtype, device, state_keys, *, grad_dtype=None, seed=0, positive=("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")):
+def make(dtype, device, state_keys, *, grad_dtype=None, seed=0, positive=("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"),
+         sizes=SIZES, offsets=None):
+    """Params, grads and states of ``sizes``; ``offsets`` ({"params"|"grads"|"states": k}) puts
+    that role's tensors k elements into a larger buffer (a view at an unaligned address)."""
+    offsets = offsets or {}
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=gen).to(device=device, dtype=dtype) for n in SIZES]
-    grads = [torch.randn(n, generator=gen).to(device=device, dtype=grad_dtype or dtype) for n in SIZES]
+    params = [at_offset(torch.randn(n, generator=gen).to(device=device, dtype=dtype), offsets.get("params", 0)) for n in sizes]
+    grads = [at_offset(torch.randn(n, generator=gen).to(device=device, dtype=grad_dtype or dtype), offsets.get("grads", 0))
+             for n in sizes]
     states = {}
     for key in state_keys:
-        values = [torch.randn(n, generator=gen) for n in SIZES]
+        values = [torch.randn(n, generator=gen) for n in sizes]
         if key in positive:
             values = [v.abs() for v in values]
-        states[key] = [v.to(device=device) for v in values]
+        states[key] = [at_offset(v.to(device=device), offsets.get("states", 0)) for v in values]
     return params, grads, states
 
 
+def at_offset(t, offset):
+    """A copy of t that starts ``offset`` elements into its own buffer (offset 0: a plain copy)."""
+    view = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)[offset:]
+    return view.copy_(t)
+
+
 def clone(params, grads, states):
-    return [p.clone() for p in params], [g.clone() for g in grads], {k: [t.clone() for t in v] for k, v in states.items()}
+    """Copies that keep each tensor's offset in its buffer, hence its alignment."""
+    copy = lambda t: at_offset(t, t.storage_offset())  # noqa: E731
+    return [copy(p) for p in params], [copy(g) for g in grads], {k: [copy(t) for t in v] for k, v in states.items()}
 
 
 def assert_match(ours, ref, state_rtol=2e-6):
@@ -225,3 +240,84 @@ def test_bad_input_is_a_value_error(device):
         F.adam_step(p, g + g, {"exp_avg": [torch.zeros(8, device=device)], "exp_avg_sq": [torch.zeros(8, device=device)]}, **kw)
     with pytest.raises(ValueError, match="must be fp32"):
         F.adam_step(p, g, {"exp_avg": [torch.zeros(8, device=device, dtype=torch.bfloat16)], "exp_avg_sq": [torch.zeros(8, device=device)]}, **kw)
+
+
+# Full chunks of tensors whose every role is 16-byte aligned run unmasked with 128-bit accesses; a
+# tail, or any tensor with one role at an unaligned address (a view starting at element 1, as a
+# ZeRO flat-buffer slice can be), runs masked. Both paths must give the torch path's numbers.
+def _adam(p, g, s, *, t, backend):
+    F.adam_step(p, g, s, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=True,
+                step=t, grad_scale=0.7, backend=backend)
+
+
+FAMILIES = {
+    "sgd": (["momentum_buffer"], lambda p, g, s, *, t, backend: F.sgd_step(
+        p, g, s, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=False, first_step=t == 1,
+        grad_scale=0.5, backend=backend)),
+    "adagrad": (["sum"], lambda p, g, s, *, t, backend: F.adagrad_step(
+        p, g, s, lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, step=t, grad_scale=0.37, backend=backend)),
+    "rmsprop": (["square_avg", "momentum_buffer"], lambda p, g, s, *, t, backend: F.rmsprop_step(
+        p, g, s, lr=0.01, alpha=0.99, eps=1e-8, weight_decay=0.01, momentum=0.5, centered=False, grad_scale=0.8,
+        backend=backend)),
+    "adam": (["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], _adam),
+    "ranger-sync": (["exp_avg", "exp_avg_sq", "slow_buffer"], lambda p, g, s, *, t, backend: F.radam_step(
+        p, g, s, lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.05, decoupled=True, rho_threshold=5.0,
+        step=11 + t, lookahead_alpha=0.3, grad_scale=1.3, backend=backend)),
+    "lookahead": (["slow_buffer"], lambda p, g, s, *, t, backend: F.lookahead_sync(
+        p, s["slow_buffer"], alpha=0.3, backend=backend)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_unaligned_views_match_torch(device, family, dtype):
+    keys, step = FAMILIES[family]
+    data = make(dtype, device, keys, offsets={"params": 1, "grads": 1, "states": 1})
+    assert all(p.data_ptr() % 16 for p in data[0] if p.numel())
+    compare(step, dtype, device, keys, data=data)
+
+
+@pytest.mark.parametrize("role", ["params", "grads", "states"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_unaligned_role_matches_torch(device, role, dtype):
+    keys = FAMILIES["adam"][0]
+    compare(_adam, dtype, device, keys, data=make(dtype, device, keys, offsets={role: 1}))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sumsq_on_unaligned_views(device, dtype):
+    _, grads, _ = make(dtype, device, [], offsets={"grads": 3})
+    ours = F.grad_sumsq_and_flag(grads, backend="triton")
+    ref = F.grad_sumsq_and_flag(grads, backend="torch")
+    torch.testing.assert_close(ours.cpu(), ref.cpu(), rtol=1e-5, atol=0)
+    grads[2][1000] = float("nan")  # in the tail of an unaligned tensor
+    assert F.grad_sumsq_and_flag(grads, backend="triton")[1] == 1
+
+
+def test_chunk_table_marks_full_aligned_chunks_fast():
+    from triton_kernels._multi_tensor import chunk_rows
+
+    rows = chunk_rows([512, 300, 256, 3], [True, True, False, True], chunk=256)
+    assert [tuple(rows[i:i + 4]) for i in range(0, len(rows), 4)] == [
+        (0, 0, 256, 1), (0, 256, 512, 1),  # full chunks of an aligned tensor
+        (1, 0, 256, 1), (1, 256, 300, 0),  # the tail is masked
+        (2, 0, 256, 0),  # an unaligned tensor is masked throughout
+        (3, 0, 3, 0),
+    ]
+
+
+def test_tables_are_built_once_per_storage(device):
+    from triton_kernels import _multi_tensor
+
+    cache = _multi_tensor.TableCache(maxsize=2)
+    params, grads, states = make(torch.float32, device, ["exp_avg"], sizes=[1003, 5])
+    roles = [params, grads, states["exp_avg"]]
+    first = cache.get(roles, [0, 1], device)
+    assert cache.get(roles, [0, 1], device) is first and cache.builds == 1
+    fast = first[1].view(-1, 4)[:, 3].tolist()
+    assert fast == [1, 1, 1, 0, 0]  # tensor 0: three full chunks and a tail; tensor 1: a tail
+    states["exp_avg"][0] = at_offset(states["exp_avg"][0], 1)  # new storage, unaligned
+    rebuilt = cache.get(roles, [0, 1], device)
+    assert cache.builds == 2 and rebuilt[1].view(-1, 4)[:, 3].tolist() == [0, 0, 0, 0, 0]
+    cache.get([params, grads, None], [0, 1], device)
+    assert len(cache._tables) == 2  # bounded: the least recently used entry went

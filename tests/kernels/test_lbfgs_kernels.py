@@ -57,3 +57,31 @@ def test_lbfgs_on_triton_backend_equals_torch_backend():
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert losses == pytest.approx(ref_losses, rel=1e-6)
+
+
+def test_combine_reads_only_rows_with_weight(device):
+    """Rows the two-loop gives no weight (the history not yet filled) are not read: NaN there
+    cannot reach the direction, which equals the torch path over the filled rows."""
+    gen = torch.Generator().manual_seed(1)
+    n, m, filled = 1003, 6, 2
+    S = torch.randn(m, n, generator=gen).to(device)
+    Y = torch.randn(m, n, generator=gen).to(device)
+    g = torch.randn(n, generator=gen).to(device)
+    S[filled:] = float("nan")
+    Y[filled:] = float("nan")
+    c_y, c_s = {0: 0.5, 1: -1.5}, {0: 0.25, 1: 2.0}
+    d = F.combine(g, Y, S, -0.7, c_y, c_s, backend="triton")
+    ref = F.combine(g, Y[:filled], S[:filled], -0.7, c_y, c_s, backend="torch")
+    torch.testing.assert_close(d, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_history_dots_on_an_unaligned_column_slice(device):
+    """A history whose rows start at an odd element (column slice from 1) and an odd length."""
+    gen = torch.Generator().manual_seed(2)
+    S = torch.randn(3, 700, generator=gen).to(device)
+    Y = torch.randn(3, 700, generator=gen).to(device)
+    g = torch.randn(651, generator=gen).to(device)
+    ours = F.history_dots(g, Y[:, 1:652], S[:, 1:652], backend="triton")
+    ref = F.history_dots(g, Y[:, 1:652], S[:, 1:652], backend="torch")
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -1,0 +1,52 @@
+"""The one place every kernel launch goes through: under the tensors' device guard, and seen by a
+recorder when one is active (``recording()``), so that the ahead-of-time compile test and audit
+(``triton_kernels._aot``) compile exactly the specializations real ``step()`` calls launch."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+# The recorders that are listening; empty outside ``recording()`` (a stack, not a cache).
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def recording() -> Iterator[list]:
+    """Collect ``(kernel, args, kwargs)`` of every launch inside the block, in order. Tensor
+    arguments are kept as (dtype, data_ptr) so nothing stays alive."""
+    calls: list = []
+    _RECORDERS.append(calls)
+    try:
+        yield calls
+    finally:
+        _RECORDERS.remove(calls)
+
+
+def _abstract(arg):
+    return _TensorSpec(arg.dtype, arg.data_ptr()) if isinstance(arg, torch.Tensor) else arg
+
+
+class _TensorSpec:
+    """What Triton specializes a tensor argument on: its dtype and its address's alignment."""
+
+    __slots__ = ("dtype", "_ptr")
+
+    def __init__(self, dtype: torch.dtype, ptr: int):
+        self.dtype, self._ptr = dtype, ptr
+
+    def data_ptr(self) -> int:
+        return self._ptr
+
+
+def run(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on ``device``."""
+    for calls in _RECORDERS:
+        calls.append((kernel, tuple(_abstract(a) for a in args), dict(kwargs)))
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
