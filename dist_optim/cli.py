@@ -16,7 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .train.config import STRATEGIES, TrainConfig
+from .train.accelerate_launch import accelerate_values, strategy_from_launcher, under_accelerate
+from .train.config import MIXED_PRECISION, STRATEGIES, TrainConfig
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
@@ -29,7 +30,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_optimizer: bool) -> None
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--schedule", default=None, help="cosine, linear, step, cyclic or constant (after warmup)")
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None, help="default: min(20, steps // 10)")
     p.add_argument("--accum", type=int, default=None, help="micro-batches per optimizer step")
     p.add_argument("--max-grad-norm", type=float, default=None, help="global clipping norm (0 disables)")
     p.add_argument("--seed", type=int, default=None)
@@ -37,6 +38,7 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_optimizer: bool) -> None
     p.add_argument("--context", type=int, default=None)
     p.add_argument("--data", default=None, help="a text file (default: the Python standard library's sources)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--mixed-precision", default=None, help=f"one of {', '.join(MIXED_PRECISION)} (fp16: zero1/2/3 only)")
     p.add_argument("--log-every", type=int, default=None)
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--ckpt-every", type=int, default=None)
@@ -139,16 +141,22 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
-def strategy_from_launcher(env: dict[str, str]) -> str:
-    """The strategy an external launcher asked for: accelerate's FSDP/DeepSpeed settings, else DDP
-    when there are several ranks."""
-    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
-        return f"zero{env.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '2')}"
-    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        if env.get("FSDP_VERSION", "1") != "2":
-            raise ValueError("Invalid fsdp_version: 1 (dist-optim trains under FSDP2: set fsdp_version: 2)")
-        return "fsdp2"
-    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+def _launched_config(args: argparse.Namespace, env: dict[str, str]) -> TrainConfig:
+    """The job as the launcher and the flags describe it (accelerate's config files included)."""
+    import torch
+
+    world = int(env.get("WORLD_SIZE", "1"))
+    given = _overrides(args)
+    if under_accelerate(env):
+        values = accelerate_values(env, given, world)
+        if env.get("ACCELERATE_USE_CPU", "").lower() == "true":
+            values.setdefault("device", "cpu")
+    else:
+        values = dict(given, launcher="external")
+        values.setdefault("strategy", strategy_from_launcher(env))
+    values["nproc"] = world
+    values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
+    return TrainConfig(**values)
 
 
 def launched_main(argv: list[str] | None = None) -> int:
@@ -157,6 +165,7 @@ def launched_main(argv: list[str] | None = None) -> int:
     import torch
     import torch.distributed as dist
 
+    from .train.cpu_ranks import accelerate_cpu_processes, start_cpu_ranks
     from .train.loop import train
 
     parser = argparse.ArgumentParser(prog="launch/train.py")
@@ -164,17 +173,17 @@ def launched_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed's
     args = parser.parse_args(argv)
+    env = dict(os.environ)
     try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        values = _overrides(args)
-        values.setdefault("strategy", strategy_from_launcher(dict(os.environ)))
-        values["nproc"] = world
-        values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        cfg = TrainConfig(**values)
+        wanted = accelerate_cpu_processes(env)
+        if wanted > 1:  # `accelerate launch --cpu` started one process for N: start the N ranks here
+            start_cpu_ranks(wanted, sys.argv[1:] if argv is None else argv)
+            return 0
+        cfg = _launched_config(args, env)
     except ValueError as err:
         print(f"dist-optim: error: {err}", file=sys.stderr)
         return 2
-    if cfg.strategy != "single":
+    if cfg.strategy != "single" and not dist.is_initialized():
         if cfg.device == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cfg.device == "cuda" else "gloo", init_method="env://")

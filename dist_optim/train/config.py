@@ -13,6 +13,10 @@ from ..optim.schedules import DECAYS
 from ..registry import names as optimizer_names
 
 STRATEGIES = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
+MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
+LAUNCHERS = ("dist-optim", "accelerate", "external")
+# Warmup steps when none are given: this many, but at most a tenth of a short run.
+DEFAULT_WARMUP = 20
 # Learning rates that train the default char-LM well, per optimizer family.
 DEFAULT_LR = {"sgd": 0.3, "adagrad": 0.03, "rmsprop": 1e-3, "adam": 3e-3, "adamw": 3e-3, "radam": 3e-3, "ranger": 3e-3}
 
@@ -26,7 +30,7 @@ class TrainConfig:
     out: str = "out/train"
     lr: float | None = None
     schedule: str = "cosine"
-    warmup: int = 20
+    warmup: int | None = None  # None: min(DEFAULT_WARMUP, steps // 10)
     accum: int = 1
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -41,12 +45,31 @@ class TrainConfig:
     eval_every: int = 100
     ckpt_every: int = 100
     device: str = "cpu"
+    mixed_precision: str = "no"
+    # Who started the ranks: accelerate's runs are prepared with accelerate's own functions.
+    launcher: str = "dist-optim"
+    # zero1/2/3 only: the DeepSpeed config the engine gets as is (a launcher's config file, resolved
+    # by dist_optim.train.accelerate_launch); None builds one from the flags above.
+    ds_config: dict | None = None
 
     def __post_init__(self) -> None:
-        if self.optimizer.lower() not in optimizer_names():
+        if self.ds_optimizer is not None:
+            # The ds_config's optimizer runs; the record names it as written there.
+            self.optimizer = str(self.ds_optimizer.get("type", ""))
+        elif self.optimizer.lower() not in optimizer_names():
             raise ValueError(f"Invalid optimizer: {self.optimizer!r} (choose from {', '.join(optimizer_names())})")
-        self.optimizer = self.optimizer.lower()
+        else:
+            self.optimizer = self.optimizer.lower()
         _checks.one_of("strategy", self.strategy, STRATEGIES)
+        _checks.one_of("mixed_precision", self.mixed_precision, MIXED_PRECISION)
+        _checks.one_of("launcher", self.launcher, LAUNCHERS)
+        if self.ds_config is not None and not self.strategy.startswith("zero"):
+            raise ValueError(f"Invalid ds_config: given with strategy {self.strategy!r} (it configures zero1/zero2/zero3)")
+        if self.mixed_precision == "fp16" and not self.strategy.startswith("zero"):
+            raise ValueError(
+                f"Invalid mixed_precision: 'fp16' with strategy {self.strategy!r} (fp16 needs loss scaling, which "
+                "only the DeepSpeed strategies run here; use bf16)"
+            )
         _checks.one_of("schedule", self.schedule, DECAYS)
         _checks.one_of("device", self.device, ("cpu", "cuda"))
         for name in ("nproc", "steps", "accum", "batch_size", "context", "dim", "layers", "heads", "data_bytes",
@@ -54,6 +77,8 @@ class TrainConfig:
             _checks.positive_int(name, getattr(self, name))
         if self.strategy == "single" and self.nproc != 1:
             raise ValueError(f"Invalid nproc: {self.nproc} (strategy 'single' runs one process)")
+        if self.warmup is None:
+            self.warmup = min(DEFAULT_WARMUP, self.steps // 10)
         if not 0 <= self.warmup < self.steps:
             raise ValueError(f"Invalid warmup: {self.warmup} (must be in [0, steps={self.steps}))")
         if self.lr is not None:
@@ -61,6 +86,11 @@ class TrainConfig:
         _checks.max_grad_norm(self.max_grad_norm)
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"Invalid data: {self.data!r} (no such file)")
+
+    @property
+    def ds_optimizer(self) -> dict | None:
+        """The ds_config's ``"optimizer"`` entry, when the DeepSpeed config names the optimizer."""
+        return None if self.ds_config is None else self.ds_config.get("optimizer")
 
     @property
     def learning_rate(self) -> float:

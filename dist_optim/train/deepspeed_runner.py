@@ -1,12 +1,15 @@
 """zero1/zero2/zero3: the char-LM under a DeepSpeed engine with our optimizer as ZeRO's inner
-optimizer; the engine does gradient accumulation and checkpoints (atomically, see
-dist_optim.integrations.deepspeed)."""
+optimizer; the engine does gradient accumulation, bf16/fp16 and checkpoints (atomically, see
+dist_optim.integrations.deepspeed). The engine's config is the launcher's DeepSpeed config when
+there is one (``cfg.ds_config``, its optimizer included), else one built from the flags."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from ..integrations import deepspeed as dod
+from .. import deepspeed as dod  # the public entry: also marks our optimizers ZeRO-supported
 from ..registry import build_optimizer
 from .config import TrainConfig
 from .model import lm_loss
@@ -14,25 +17,35 @@ from .model import lm_loss
 
 class DeepSpeedRunner:
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
-        stage = int(cfg.strategy[-1])
-        zero = {"stage": stage}
-        if stage == 3:
-            zero["stage3_param_persistence_threshold"] = 0
-        config = {
-            "train_micro_batch_size_per_gpu": cfg.batch_size,
-            "gradient_accumulation_steps": cfg.accum,
-            "zero_optimization": zero,
-            "steps_per_print": 10**9,
-        }
-        if cfg.max_grad_norm is None:
-            config["gradient_clipping"] = 0.0  # no clipping asked for: not DeepSpeed's default 1.0 either
-        self.optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm)
-        self.engine, self.zero_optimizer, _, _ = dod.initialize(model=model, optimizer=self.optimizer, config=config)
+        config = copy.deepcopy(cfg.ds_config) if cfg.ds_config is not None else _config_from_flags(cfg)
+        client = None
+        if cfg.ds_optimizer is None:
+            client = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm)
+        self.engine, self.zero_optimizer, _, _ = dod.initialize(model=model, optimizer=client, config=config)
+        # The optimizer the engine steps (ours from the flags or the one its config names): the
+        # schedule sets its lr and its counters tell skipped steps.
+        self.optimizer = self.engine.basic_optimizer
         self.device = device
 
+    def _base(self):
+        return self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
+
     def _skips(self) -> int:
-        base = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-        return base.skipped_steps + int(getattr(self.engine, "skipped_steps", 0))
+        return getattr(self._base(), "skipped_steps", 0) + int(getattr(self.engine, "skipped_steps", 0))
+
+    def facts(self) -> dict:
+        """What the engine runs, read back from it rather than from the config it was given."""
+        engine = self.engine
+        return dict(
+            engine="deepspeed",
+            zero_stage=engine.zero_optimization_stage(),
+            micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+            gradient_accumulation_steps=engine.gradient_accumulation_steps(),
+            mixed_precision="bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "no",
+            gradient_clipping=engine.gradient_clipping(),
+            optimizer=_optimizer_name(self.optimizer),
+            final_lr=self.optimizer.param_groups[0]["lr"],
+        )
 
     def train_step(self, window) -> tuple[float, bool]:
         before = self._skips()
@@ -48,8 +61,7 @@ class DeepSpeedRunner:
     def grad_norm(self) -> float | None:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
-            base = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer
-            return base.last_grad_norm
+            return getattr(self._base(), "last_grad_norm", None)
         return float(norm)
 
     def eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> float:
@@ -61,3 +73,28 @@ class DeepSpeedRunner:
 
     def load(self, path: str) -> dict:
         return dod.load_checkpoint(self.engine, path)
+
+
+def _config_from_flags(cfg: TrainConfig) -> dict:
+    stage = int(cfg.strategy[-1])
+    zero = {"stage": stage}
+    if stage == 3:
+        zero["stage3_param_persistence_threshold"] = 0
+    config = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.accum,
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+    }
+    if cfg.mixed_precision != "no":
+        config[cfg.mixed_precision] = {"enabled": True}
+    if cfg.max_grad_norm is None:
+        config["gradient_clipping"] = 0.0  # no clipping asked for: not DeepSpeed's default 1.0 either
+    return config
+
+
+def _optimizer_name(optimizer) -> str:
+    """``Lookahead(RAdam)`` for a wrapper, else the class name."""
+    inner = getattr(optimizer, "optimizer", None)
+    name = type(optimizer).__name__
+    return f"{name}({type(inner).__name__})" if isinstance(inner, torch.optim.Optimizer) else name

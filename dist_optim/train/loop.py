@@ -129,9 +129,11 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         peak_memory_mb=_peak_memory_mb(device),
         world_size=world,
     )
+    ran = {**runner.facts(), "world_size": world}
     if rank == 0:
         write_plot(out / "loss.png", {cfg.optimizer: rows})
-        write_report(out / "report.md", cfg, summary)
+        write_report(out / "report.md", cfg, summary, ran)
+        (out / "run.json").write_text(json.dumps(ran, indent=1) + "\n")
     return summary
 
 

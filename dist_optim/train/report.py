@@ -29,7 +29,8 @@ def write_plot(path: Path, runs: dict[str, list[dict]]) -> None:
     tmp.replace(path)
 
 
-def write_report(path: Path, cfg: TrainConfig, summary: dict) -> None:
+def write_report(path: Path, cfg: TrainConfig, summary: dict, ran: dict) -> None:
+    """``ran``: what the runner read back from the engine or model (ZeRO stage, precision, ...)."""
     lines = [
         f"# dist-optim train: {cfg.optimizer} under {cfg.strategy} x {summary['world_size']}",
         "",
@@ -40,6 +41,12 @@ def write_report(path: Path, cfg: TrainConfig, summary: dict) -> None:
         f"| validation loss | {summary['val_loss']:.4f} |",
         f"| mean step time | {summary['step_ms']:.1f} ms |",
         f"| peak memory (rank 0) | {summary['peak_memory_mb']:.0f} MiB |",
+        "",
+        "## What ran",
+        "",
+        "| | |",
+        "|---|---|",
+        *(f"| {k} | {v} |" for k, v in ran.items()),
         "",
         "## Config",
         "",

@@ -69,6 +69,8 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, strategy):
         (["--nproc", "0"], "Invalid nproc: 0"),
         (["--data", "/nonexistent/corpus.txt"], "Invalid data: '/nonexistent/corpus.txt'"),
         (["--steps", "10", "--warmup", "10"], "Invalid warmup: 10"),
+        (["--mixed-precision", "fp8"], "Invalid mixed_precision: 'fp8'"),
+        (["--mixed-precision", "fp16", "--strategy", "fsdp2"], "Invalid mixed_precision: 'fp16' with strategy 'fsdp2'"),
     ],
 )
 def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, args, message):
@@ -78,6 +80,34 @@ def test_bad_input_exits_nonzero_with_one_line_and_writes_nothing(tmp_path, args
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "strategy,recorded",
+    [
+        ("fsdp2", {"param_dtype": "torch.bfloat16", "reduce_dtype": "torch.float32"}),  # MixedPrecisionPolicy
+        ("ddp", {"autocast": "torch.bfloat16"}),
+        ("zero2", {"mixed_precision": "bf16"}),  # read back from the engine
+    ],
+)
+def test_mixed_precision_bf16_changes_the_run_and_is_recorded(tmp_path, strategy, recorded):
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        cli("train", "--optimizer", "adamw", "--strategy", strategy, "--nproc", "2", "--mixed-precision", precision,
+            "--out", str(out), "--steps", "4", "--log-every", "2", "--batch-size", "4", "--context", "32")
+        losses[precision] = [r["loss"] for r in metrics(out)]
+        ran = json.loads((out / "run.json").read_text())
+        assert ran["mixed_precision"] == precision and ran["world_size"] == 2
+    assert {k: ran[k] for k in recorded} == recorded
+    assert losses["bf16"] != losses["no"]
+
+
+def test_short_runs_need_no_warmup_flag(tmp_path):
+    out = tmp_path / "short"
+    cli("train", "--optimizer", "sgd", "--strategy", "single", "--nproc", "1", "--steps", "3", "--log-every", "1",
+        "--batch-size", "2", "--context", "32", "--out", str(out))
+    assert json.loads((out / "config.json").read_text())["warmup"] == 0 and len(metrics(out)) == 3
 
 
 def test_refuses_a_non_empty_out_without_resume(tmp_path):

@@ -1,5 +1,6 @@
-"""launch/: train.py under `accelerate launch` for real, the launcher-to-strategy mapping, and the
-config files parse and name what exists."""
+"""launch/: train.py under `accelerate launch` for real, honouring what the accelerate config, its
+DeepSpeed config file, `mixed_precision` and `--num_processes` say (read back from the engine or
+model into run.json), and the config files parse and name what exists."""
 
 from __future__ import annotations
 
@@ -15,25 +16,119 @@ import yaml
 from dist_optim.cli import strategy_from_launcher
 
 LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+# A short run of the default char-LM; no --warmup: the default must fit 10 steps.
+SHORT = ["--steps", "10", "--log-every", "2", "--context", "32", "--eval-every", "10", "--ckpt-every", "10"]
 
 
-@pytest.mark.parametrize("config,strategy", [("fsdp2.yaml", "fsdp2"), ("zero2.yaml", "zero2")])
-def test_accelerate_launch_config_trains(tmp_path, config, strategy):
+def accelerate_launch(out: Path, *launch_args: str, train_args: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     accelerate = shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate is not installed (pip install 'dist-optim[accelerate]')")
-    out = tmp_path / "acc"
-    proc = subprocess.run(
-        [accelerate, "launch", "--config_file", str(LAUNCH / "accelerate" / config), str(LAUNCH / "train.py"),
-         "--optimizer", "radam", "--steps", "12", "--warmup", "2", "--log-every", "4", "--batch-size", "4",
-         "--context", "64", "--out", str(out)],
-        capture_output=True, text=True, timeout=600, cwd=LAUNCH.parent,  # the yaml names launch/deepspeed/... relative
+    return subprocess.run(
+        [accelerate, "launch", *launch_args, str(LAUNCH / "train.py"), *SHORT, *train_args, "--out", str(out)],
+        capture_output=True, text=True, timeout=600, cwd=LAUNCH.parent,  # the yamls name launch/deepspeed/... relative
     )
+
+
+def trained(proc: subprocess.CompletedProcess, out: Path) -> tuple[dict, dict, list[dict]]:
+    """(config.json, run.json, metrics rows) of a run that must have succeeded and learned."""
     assert proc.returncode == 0, proc.stderr[-3000:]
-    cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["strategy"], cfg["nproc"]) == (strategy, 2)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < rows[0]["loss"]
+    return json.loads((out / "config.json").read_text()), json.loads((out / "run.json").read_text()), rows
+
+
+def with_ds_config(tmp_path: Path, yaml_name: str, edit) -> Path:
+    """A copy of launch/accelerate/<yaml_name> whose DeepSpeed config file is its JSON after ``edit``."""
+    acc = yaml.safe_load((LAUNCH / "accelerate" / yaml_name).read_text())
+    ds = json.loads((LAUNCH.parent / acc["deepspeed_config"]["deepspeed_config_file"]).read_text())
+    edit(ds)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    acc["deepspeed_config"]["deepspeed_config_file"] = str(tmp_path / "ds.json")
+    (tmp_path / "acc.yaml").write_text(yaml.safe_dump(acc))
+    return tmp_path / "acc.yaml"
+
+
+@pytest.mark.parametrize(
+    "config,expected",
+    [
+        ("fsdp2.yaml", {"engine": "fsdp2", "prepared_by": "accelerate", "sharded": True, "world_size": 2}),
+        ("zero2.yaml", {"engine": "deepspeed", "zero_stage": 2, "optimizer": "Ranger", "micro_batch_size": 8,
+                        "world_size": 2}),
+        ("zero3.yaml", {"engine": "deepspeed", "zero_stage": 3, "optimizer": "AdamW", "micro_batch_size": 8,
+                        "world_size": 2}),
+    ],
+)
+def test_accelerate_config_runs_what_it_says_with_short_run_defaults(tmp_path, config, expected):
+    """zero3.yaml runs ZeRO-3 (it used to run ZeRO-2), the DeepSpeed JSON's optimizer and micro-batch
+    run, and --steps 10 needs no --warmup."""
+    out = tmp_path / "acc"
+    cfg, ran, _ = trained(accelerate_launch(out, "--config_file", str(LAUNCH / "accelerate" / config)), out)
+    assert {k: ran[k] for k in expected} == expected
+    assert cfg["nproc"] == 2 and cfg["launcher"] == "accelerate" and cfg["warmup"] == 1
+
+
+def test_editing_the_ds_config_changes_what_runs(tmp_path):
+    """Stage, optimizer, micro-batch and accumulation come from the JSON the yaml points to."""
+    def edit(ds):
+        ds["zero_optimization"] = {"stage": 1}
+        ds["optimizer"] = {"type": "dist_optim.SGD", "params": {"lr": 0.05, "momentum": 0.9, "max_grad_norm": 0.5}}
+        ds["train_micro_batch_size_per_gpu"] = 2
+        ds["gradient_accumulation_steps"] = 2
+
+    out = tmp_path / "edited"
+    cfg, ran, rows = trained(accelerate_launch(out, "--config_file", str(with_ds_config(tmp_path, "zero3.yaml", edit))), out)
+    assert (ran["zero_stage"], ran["optimizer"], ran["micro_batch_size"], ran["gradient_accumulation_steps"]) == (1, "SGD", 2, 2)
+    assert (cfg["strategy"], cfg["optimizer"], cfg["batch_size"], cfg["accum"], cfg["max_grad_norm"]) == (
+        "zero1", "dist_optim.SGD", 2, 2, 0.5)
+    assert rows[0]["lr"] == 0.05  # the JSON's lr is the schedule's base (warmup 1 step: full lr at step 2)
+
+
+def test_auto_in_the_ds_config_takes_the_flags(tmp_path):
+    def edit(ds):
+        ds["train_micro_batch_size_per_gpu"] = "auto"
+        ds["gradient_accumulation_steps"] = "auto"
+
+    out = tmp_path / "auto"
+    proc = accelerate_launch(out, "--config_file", str(with_ds_config(tmp_path, "zero2.yaml", edit)),
+                             train_args=("--batch-size", "3", "--accum", "2"))
+    _, ran, _ = trained(proc, out)
+    assert (ran["micro_batch_size"], ran["gradient_accumulation_steps"]) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    "config,recorded",
+    [
+        ("fsdp2.yaml", {"mixed_precision": "bf16", "param_dtype": "torch.bfloat16"}),
+        ("zero2.yaml", {"mixed_precision": "bf16"}),  # read back from engine.bfloat16_enabled()
+    ],
+)
+def test_mixed_precision_bf16_is_honoured(tmp_path, config, recorded):
+    losses = {}
+    for precision in ("no", "bf16"):
+        out = tmp_path / precision
+        proc = accelerate_launch(out, "--config_file", str(LAUNCH / "accelerate" / config), "--mixed_precision", precision)
+        cfg, ran, rows = trained(proc, out)
+        assert cfg["mixed_precision"] == ran["mixed_precision"] == precision
+        losses[precision] = [r["loss"] for r in rows]
+    assert {k: ran[k] for k in recorded} == recorded
+    assert losses["bf16"] != losses["no"]
+
+
+def test_cpu_num_processes_2_trains_as_two_ranks(tmp_path):
+    """accelerate's simple launcher starts one process for --cpu; train.py starts the two ranks."""
+    out = tmp_path / "cpu2"
+    cfg, ran, _ = trained(accelerate_launch(out, "--cpu", "--num_processes", "2"), out)
+    assert (cfg["nproc"], ran["world_size"], ran["engine"]) == (2, 2, "ddp")
+
+
+def test_a_flag_contradicting_the_ds_config_is_refused(tmp_path):
+    out = tmp_path / "refused"
+    proc = accelerate_launch(out, "--config_file", str(LAUNCH / "accelerate" / "zero2.yaml"),
+                             train_args=("--batch-size", "4"))
+    assert proc.returncode != 0
+    assert "Invalid batch_size: 4 (the DeepSpeed config launch/deepspeed/zero2.json sets train_micro_batch_size_per_gpu=8" in proc.stderr
+    assert not (out / "metrics.jsonl").exists()
 
 
 @pytest.mark.parametrize(

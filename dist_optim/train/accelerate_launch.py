@@ -1,0 +1,158 @@
+"""What an external launcher asked for, read the way the launcher itself reads it.
+
+``accelerate launch`` hands its settings to the ranks in environment variables. Under DeepSpeed the
+yaml's ``deepspeed_config_file`` is the authority (accelerate sets no ZeRO-stage variable then), so it
+is resolved with accelerate's own ``DeepSpeedPlugin`` (its merging of the file with the launcher's
+settings, its ``mixed_precision`` handling and its refusals) and then honoured as a whole: ZeRO
+stage, optimizer, micro-batch size, accumulation, bf16/fp16 and clipping. A command-line flag that
+contradicts the file is refused rather than silently overridden; ``"auto"`` in the file takes the
+flag (or the default), as it does under accelerate.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .config import MIXED_PRECISION, TrainConfig
+
+# Values TrainConfig would use for a flag the user did not give.
+_DEFAULTS = {f: getattr(TrainConfig, f) for f in ("batch_size", "accum")}
+# What the ZeRO stage means as a strategy; stage 0 (no ZeRO) is not one of ours.
+_STAGES = {1: "zero1", 2: "zero2", 3: "zero3"}
+
+
+def under_accelerate(env: Mapping[str, str]) -> bool:
+    """Every one of accelerate's launchers (simple, torchrun-based, DeepSpeed) sets this."""
+    return "ACCELERATE_MIXED_PRECISION" in env
+
+
+def strategy_from_launcher(env: Mapping[str, str]) -> str:
+    """The strategy an external launcher asked for, before any config file is read: accelerate's
+    FSDP/DeepSpeed settings, else DDP when there are several ranks."""
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return _STAGES.get(int(env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")), "zero2")
+    if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        if env.get("FSDP_VERSION", "1") != "2":
+            raise ValueError("Invalid fsdp_version: 1 (dist-optim trains under FSDP2: set fsdp_version: 2)")
+        return "fsdp2"
+    return "ddp" if int(env.get("WORLD_SIZE", "1")) > 1 else "single"
+
+
+def accelerate_values(env: Mapping[str, str], given: dict[str, Any], world: int) -> dict[str, Any]:
+    """TrainConfig values for a rank started by ``accelerate launch``: ``given`` (the flags the user
+    wrote) completed with what the accelerate config and its DeepSpeed config file say."""
+    values = dict(given, launcher="accelerate")
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    if precision not in MIXED_PRECISION:
+        raise ValueError(f"Invalid mixed_precision: {precision!r} (launch/train.py runs {', '.join(MIXED_PRECISION)})")
+    if given.get("mixed_precision", precision) != precision:
+        raise ValueError(
+            f"Invalid mixed_precision: {given['mixed_precision']!r} (accelerate was launched with "
+            f"mixed_precision {precision!r}; set it in one place)"
+        )
+    values["mixed_precision"] = precision
+    strategy = strategy_from_launcher(env)
+    if strategy.startswith("zero"):
+        return _deepspeed_values(env, values, world)
+    if given.get("strategy", strategy) != strategy:
+        raise ValueError(f"Invalid strategy: {given['strategy']!r} (the accelerate config asks for {strategy})")
+    values["strategy"] = strategy
+    return values
+
+
+def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int) -> dict[str, Any]:
+    import deepspeed  # noqa: F401  (accelerate's plugin needs it; fail here with its own message)
+    from accelerate.utils import DeepSpeedPlugin
+
+    source = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE", "none")
+    if source != "none" and not Path(source).is_file():
+        raise ValueError(
+            f"Invalid deepspeed_config_file: {source!r} (no such file from the working directory {os.getcwd()!r})"
+        )
+    where = f"the DeepSpeed config {source}" if source != "none" else "the accelerate DeepSpeed config"
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # the plugin reads the process environment
+    try:
+        plugin = DeepSpeedPlugin()
+        plugin.set_mixed_precision(values["mixed_precision"])
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    config = copy.deepcopy(plugin.deepspeed_config)
+    config["steps_per_print"] = 10**9  # the plugin's float("inf") is not JSON a later run could read back
+
+    stage = config.get("zero_optimization", {}).get("stage")
+    if stage not in _STAGES:
+        raise ValueError(f"Invalid zero_optimization.stage: {stage!r} in {where} (dist-optim trains ZeRO stage 1, 2 or 3)")
+    if values.get("strategy", _STAGES[stage]) != _STAGES[stage]:
+        raise ValueError(f"Invalid strategy: {values['strategy']!r} ({where} sets ZeRO stage {stage})")
+    values["strategy"] = _STAGES[stage]
+
+    spec = config.get("optimizer")
+    if spec is not None:
+        for flag in ("optimizer", "lr", "max_grad_norm"):
+            if flag in values:
+                raise ValueError(
+                    f"Invalid {flag}: {values[flag]!r} ({where} names the optimizer {spec.get('type')!r}; "
+                    "set its parameters there)"
+                )
+    if "scheduler" in config:
+        raise ValueError(
+            f"Invalid scheduler: {where} has a 'scheduler' section, but launch/train.py schedules the lr "
+            "itself (--schedule, --warmup); remove the section"
+        )
+
+    for key, flag in (("train_micro_batch_size_per_gpu", "batch_size"), ("gradient_accumulation_steps", "accum")):
+        written = config.get(key, "auto")
+        if written == "auto":
+            config[key] = values.get(flag, _DEFAULTS[flag])
+        elif flag in values and values[flag] != written:
+            raise ValueError(
+                f"Invalid {flag}: {values[flag]} ({where} sets {key}={written}; change one of them or write \"auto\" there)"
+            )
+        values[flag] = int(config[key])
+    if config.get("train_batch_size") == "auto":
+        config["train_batch_size"] = values["batch_size"] * values["accum"] * world
+
+    ours_clip = _spec_param(spec, "max_grad_norm") if spec is not None else values.get("max_grad_norm", 1.0)
+    clip = config.get("gradient_clipping")
+    if clip == "auto":
+        # Our optimizer clips (once, globally) when it has max_grad_norm; otherwise accelerate's 1.0.
+        config["gradient_clipping"] = 0.0 if ours_clip else 1.0
+    elif clip not in (None, 0, 0.0) and spec is None and "max_grad_norm" not in values:
+        values["max_grad_norm"] = None  # the file's clipping stands; the flag's default must not clip twice
+    if spec is not None:
+        values["max_grad_norm"] = ours_clip
+        values["lr"] = _spec_param(spec, "lr")
+
+    unfilled = [k for k, v in _leaves(config) if v == "auto"]
+    if unfilled:
+        raise ValueError(f"Invalid {unfilled[0]}: 'auto' in {where} (launch/train.py cannot fill it; write a value)")
+    values["mixed_precision"] = (
+        "bf16" if config.get("bf16", {}).get("enabled") else "fp16" if config.get("fp16", {}).get("enabled") else "no"
+    )
+    values["ds_config"] = config
+    return values
+
+
+def _spec_param(spec: Mapping[str, Any], name: str) -> Any:
+    """A parameter of a ds_config optimizer entry; Lookahead's live in its inner optimizer."""
+    params = spec.get("params", {})
+    if name not in params and isinstance(params.get("optimizer"), Mapping):
+        return _spec_param(params["optimizer"], name)
+    return params.get(name)
+
+
+def _leaves(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value

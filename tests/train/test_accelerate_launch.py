@@ -1,0 +1,103 @@
+"""What launch/train.py reads from accelerate's settings, without launching: the DeepSpeed config
+file is resolved with accelerate's own plugin and honoured, a flag contradicting it is refused with
+one clear line, and `--cpu --num_processes N` is recognised from the accelerate command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dist_optim.train.accelerate_launch import accelerate_values
+from dist_optim.train.config import TrainConfig
+from dist_optim.train.cpu_ranks import accelerate_cpu_processes
+
+DS = {
+    "train_micro_batch_size_per_gpu": 8,
+    "gradient_accumulation_steps": 1,
+    "zero_optimization": {"stage": 3},
+    "optimizer": {"type": "dist_optim.AdamW", "params": {"lr": 3e-3, "max_grad_norm": 1.0}},
+}
+
+
+def env_for(tmp_path: Path, ds: dict | None, precision: str = "no", **extra: str) -> dict[str, str]:
+    """The variables accelerate's DeepSpeed launcher gives a rank for a yaml naming ``ds``."""
+    env = {"ACCELERATE_MIXED_PRECISION": precision, "ACCELERATE_USE_DEEPSPEED": "true", "WORLD_SIZE": "2", **extra}
+    if ds is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        env["ACCELERATE_DEEPSPEED_CONFIG_FILE"] = str(tmp_path / "ds.json")
+    return env
+
+
+def test_the_ds_config_file_decides_stage_optimizer_batch_and_precision(tmp_path):
+    ds = {**DS, "gradient_accumulation_steps": 4, "bf16": {"enabled": True}}
+    values = accelerate_values(env_for(tmp_path, ds), {}, world=2)
+    cfg = TrainConfig(**values, nproc=2)
+    assert (cfg.strategy, cfg.optimizer, cfg.batch_size, cfg.accum, cfg.mixed_precision) == (
+        "zero3", "dist_optim.AdamW", 8, 4, "bf16")
+    assert cfg.ds_config["optimizer"] == DS["optimizer"]
+
+
+def test_accelerates_mixed_precision_enables_the_ds_config_precision(tmp_path):
+    values = accelerate_values(env_for(tmp_path, DS, precision="bf16"), {}, world=2)
+    assert values["ds_config"]["bf16"] == {"enabled": True} and values["mixed_precision"] == "bf16"
+
+
+def test_without_a_config_file_the_launchers_stage_applies(tmp_path):
+    env = env_for(tmp_path, None, ACCELERATE_DEEPSPEED_ZERO_STAGE="1")
+    values = accelerate_values(env, {"optimizer": "radam", "batch_size": 4}, world=2)
+    assert (values["strategy"], values["ds_config"]["train_micro_batch_size_per_gpu"]) == ("zero1", 4)
+    assert "optimizer" not in values["ds_config"]  # ours, built from --optimizer
+
+
+@pytest.mark.parametrize(
+    "change,given,message",
+    [
+        ({}, {"batch_size": 4}, "Invalid batch_size: 4 (the DeepSpeed config"),
+        ({}, {"accum": 2}, "Invalid accum: 2 (the DeepSpeed config"),
+        ({}, {"optimizer": "sgd"}, "Invalid optimizer: 'sgd' (the DeepSpeed config"),
+        ({}, {"lr": 0.1}, "Invalid lr: 0.1 (the DeepSpeed config"),
+        ({}, {"strategy": "zero2"}, "Invalid strategy: 'zero2'"),
+        ({}, {"mixed_precision": "bf16"}, "Invalid mixed_precision: 'bf16' (accelerate was launched with mixed_precision 'no'"),
+        ({"zero_optimization": {"stage": 0}}, {}, "Invalid zero_optimization.stage: 0"),
+        ({"scheduler": {"type": "WarmupLR", "params": {}}}, {}, "Invalid scheduler:"),
+        ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, {}, "Invalid zero_optimization.reduce_bucket_size: 'auto'"),
+    ],
+)
+def test_what_cannot_be_honoured_is_refused_naming_the_setting(tmp_path, change, given, message):
+    with pytest.raises(ValueError) as err:
+        accelerate_values(env_for(tmp_path, {**DS, **change}), given, world=2)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_missing_ds_config_file_is_refused(tmp_path):
+    env = env_for(tmp_path, None, ACCELERATE_DEEPSPEED_CONFIG_FILE="launch/deepspeed/nope.json")
+    with pytest.raises(ValueError, match="Invalid deepspeed_config_file: 'launch/deepspeed/nope.json'"):
+        accelerate_values(env, {}, world=2)
+
+
+@pytest.mark.parametrize("steps,warmup", [(10, 1), (5, 0), (300, 20), (1000, 20)])
+def test_default_warmup_fits_short_runs(steps, warmup):
+    assert TrainConfig(steps=steps).warmup == warmup
+
+
+CPU_ENV = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1"}
+
+
+@pytest.mark.parametrize(
+    "env,cmdline,count",
+    [
+        (CPU_ENV, ["python", "/bin/accelerate", "launch", "--cpu", "--num_processes", "3", "train.py", "--steps", "9"], 3),
+        (CPU_ENV, ["python", "/bin/accelerate", "launch", "--cpu", "--num_processes=1", "train.py"], 1),
+        ({**CPU_ENV, "WORLD_SIZE": "2"}, [], 1),  # a real launcher already started the ranks
+        ({k: v for k, v in CPU_ENV.items() if k != "MASTER_ADDR"}, [], 1),  # one process was asked for
+    ],
+)
+def test_accelerate_cpu_process_count_is_read_from_its_command(env, cmdline, count):
+    assert accelerate_cpu_processes(env, cmdline) == count
+
+
+def test_an_unreadable_accelerate_command_is_refused_not_run_as_one_process():
+    with pytest.raises(ValueError, match="accelerate launch --cpu started one process, though it was asked for several"):
+        accelerate_cpu_processes(CPU_ENV, ["python", "my_own_launcher.py"])
