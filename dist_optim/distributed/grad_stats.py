@@ -1,13 +1,21 @@
 """Global gradient statistics with one collective: [sum of squares, non-finite flag] summed over the
 ranks that hold disjoint pieces of the gradients, each element counted once.
 
-Who holds what:
-- a DTensor grad (FSDP2) is split over its device mesh; a copy replicated along a mesh dim is
-  counted only on the rank at coordinate 0 of that dim (HSDP's replicas);
-- a plain grad when ``process_group`` was given explicitly is a partition (ZeRO's flat fp32 shard,
-  FSDP1's flat shard): counted on every rank;
-- a plain grad beside DTensor params (no explicit group) is replicated on every rank of the mesh:
-  counted on the group's first rank only;
+Which group: ``process_group`` when given (or bound by an integration, e.g. ZeRO's data-parallel
+group); else the ranks spanned by the DTensor grads' device meshes. Meshes are compared by value:
+``fully_shard`` without ``mesh=`` builds a new, equal mesh per call, and TP x FSDP gives each
+param its own 2-D mesh beside the 1-D data-parallel mesh of params that are only FSDP-sharded.
+
+Who counts what:
+- a DTensor grad is split over its mesh along Shard dims and copied along Replicate dims: a copy is
+  counted only at coordinate 0 of each Replicate dim (HSDP's replicas, TP-replicated norms);
+- a DTensor whose mesh spans only part of the group (a norm sharded on the DP sub-mesh beside
+  TP x DP params) has one copy per translate of that sub-mesh; only the copy on the translate
+  holding the group's lowest rank is counted;
+- a plain grad with an explicit group is a partition (ZeRO's flat fp32 shard, FSDP1's flat shard):
+  counted on every rank;
+- a plain grad beside DTensors (no explicit group) is replicated on every rank of the group:
+  counted on the group's lowest rank only;
 - with no group at all, everything is local.
 Every tensor contributes its non-finite flag, so all ranks agree on skipping.
 """
@@ -32,41 +40,87 @@ def fsdp1_group(param_groups: Sequence[dict]) -> Any:
     return dist.group.WORLD if flattened and dist.is_initialized() else None
 
 
-def mesh_group(grads: Sequence[torch.Tensor]) -> Any:
-    """The process group spanning the device mesh of the DTensor grads (None when there are none)."""
-    meshes = {id(g.device_mesh): g.device_mesh for g in grads if is_dtensor(g)}
+def mesh_ranks(mesh: Any) -> frozenset[int]:
+    """The global ranks of this rank's copy of ``mesh``."""
+    return frozenset(mesh.mesh.flatten().tolist())
+
+
+def _group_for(ranks: frozenset[int], meshes: Sequence[Any]) -> Any:
+    if len(ranks) == dist.get_world_size():
+        return dist.group.WORLD
+    for mesh in meshes:
+        if mesh.ndim == 1 and mesh_ranks(mesh) == ranks:
+            return mesh.get_group()
+    raise ValueError(
+        f"the params' device meshes span ranks {sorted(ranks)}, part of a world of {dist.get_world_size()}, "
+        "with no 1-D mesh over exactly those ranks: pass process_group= spanning them "
+        "(e.g. the flattened data-parallel x tensor-parallel mesh's group)"
+    )
+
+
+def mesh_group(tensors: Sequence[torch.Tensor]) -> Any:
+    """The process group spanning the device meshes of the DTensors among ``tensors`` (None when there
+    are none): the world when they span it, else the group of a 1-D mesh over exactly those ranks."""
+    meshes = list(dict.fromkeys(t.device_mesh for t in tensors if is_dtensor(t)))  # by value
     if not meshes:
         return None
-    if len(meshes) > 1:
-        raise ValueError("params live on more than one device mesh; pass process_group= explicitly")
-    (mesh,) = meshes.values()
-    if mesh.ndim == 1:
-        return mesh.get_group()
-    if mesh.size() != dist.get_world_size():
-        raise ValueError(
-            f"a {mesh.ndim}-D device mesh of {mesh.size()} ranks inside a world of {dist.get_world_size()}: "
-            "pass process_group= spanning the mesh"
-        )
-    return dist.group.WORLD
+    return _group_for(frozenset().union(*(mesh_ranks(m) for m in meshes)), meshes)
 
 
-def _counted_here(grad: torch.Tensor, explicit_group: Any, group: Any) -> bool:
-    if is_dtensor(grad):
-        coords = grad.device_mesh.get_coordinate()
-        return all(
-            coords[dim] == 0 for dim, placement in enumerate(grad.placements) if placement.is_replicate()
-        )
-    if explicit_group is not None or group is None:
-        return True
-    return dist.get_rank(group) == 0
+class GradLayout:
+    """Which group a param set's grad statistics reduce over and which local grads this rank counts.
+    Mesh facts are memoised per mesh value (an optimizer owns one; nothing is cached per module)."""
+
+    def __init__(self) -> None:
+        self._mesh_info: dict[Any, tuple[frozenset[int], tuple[int, ...]]] = {}
+
+    def _info(self, mesh: Any) -> tuple[frozenset[int], tuple[int, ...]]:
+        info = self._mesh_info.get(mesh)
+        if info is None:
+            info = self._mesh_info[mesh] = (mesh_ranks(mesh), tuple(mesh.get_coordinate()))
+        return info
+
+    def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any) -> tuple[Any, frozenset[int] | None]:
+        """(group, its global ranks), or (None, None) when the statistics are local."""
+        if explicit_group is not None:
+            if not active(explicit_group):
+                return explicit_group, None
+            return explicit_group, frozenset(dist.get_process_group_ranks(explicit_group))
+        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g)))
+        if not meshes:
+            return None, None
+        ranks = frozenset().union(*(self._info(m)[0] for m in meshes))
+        return _group_for(ranks, meshes), ranks
+
+    def counted_here(self, grad: torch.Tensor, explicit: bool, group_ranks: frozenset[int] | None) -> bool:
+        """Whether this rank's piece of ``grad`` enters the sum (each element once over the group)."""
+        if group_ranks is None:
+            return True
+        if not is_dtensor(grad):
+            return explicit or dist.get_rank() == min(group_ranks)
+        ranks, coords = self._info(grad.device_mesh)
+        for dim, placement in enumerate(grad.placements):
+            if placement.is_partial():
+                raise ValueError(
+                    f"a gradient with placement {placement} on mesh dim {dim} is a pending reduction, "
+                    "not a shard: reduce it before step()"
+                )
+            if placement.is_replicate() and coords[dim] != 0:
+                return False
+        inside = ranks & group_ranks
+        return min(group_ranks) in inside if len(inside) < len(group_ranks) else True
 
 
-def global_grad_stats(grads: Sequence[torch.Tensor], process_group: Any, *, backend: str) -> torch.Tensor:
+def global_grad_stats(
+    grads: Sequence[torch.Tensor], process_group: Any, *, backend: str, layout: GradLayout | None = None
+) -> torch.Tensor:
     """[sum of squares over every rank's distinct elements, > 0 if any rank saw inf/NaN], fp32."""
-    group = process_group if process_group is not None else mesh_group(grads)
+    layout = layout if layout is not None else GradLayout()
+    group, group_ranks = layout.resolve(grads, process_group)
     counted, replicas = [], []
     for g in grads:
-        (counted if _counted_here(g, process_group, group) else replicas).append(local_tensor(g))
+        here = layout.counted_here(g, process_group is not None, group_ranks)
+        (counted if here else replicas).append(local_tensor(g))
     stats = grad_sumsq_and_flag(counted, backend=backend)
     if replicas:
         replica_stats = grad_sumsq_and_flag(replicas, backend=backend)
@@ -76,4 +130,3 @@ def global_grad_stats(grads: Sequence[torch.Tensor], process_group: Any, *, back
         stats = stats.to(device_for(group))
         dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
     return stats
-

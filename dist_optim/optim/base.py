@@ -17,8 +17,9 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _checks
-from ..distributed.shard import local_tensor
-from ..distributed.grad_stats import fsdp1_group, global_grad_stats
+from ..distributed.collectives import active
+from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
+from ..distributed.shard import is_dtensor, local_tensor
 from . import _state_dict
 
 # torch.nn.utils.clip_grad_norm_'s guard against division by a zero norm.
@@ -52,8 +53,12 @@ class FusedOptimizer(Optimizer):
         self.nonfinite = _checks.one_of("nonfinite", nonfinite, _checks.NONFINITE_MODES)
         self.backend = _checks.one_of("backend", backend, _checks.BACKENDS)
         self._check_group(defaults)
+        # ids of the params we were given (alive as long as the model is): a plain param that is
+        # not among them was swapped in by a wrapper (ZeRO's flat partitions, fp32 master copies).
+        self._given_params: set[int] = set()
         super().__init__(params, defaults)
         self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
+        self._grad_layout = GradLayout()
         self.skipped_steps = 0
         self.last_grad_norm: float | None = None
 
@@ -80,6 +85,15 @@ class FusedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        self._given_params.update(id(p) for p in self.param_groups[-1]["params"])
+
+    def bind_params(self, process_group: Any) -> None:
+        """For an integration that has replaced the params with its own (DeepSpeed's flat fp32
+        partitions or master copies): the grad statistics of the params now in ``param_groups``
+        reduce over ``process_group`` (their partitions are disjoint across it), or stay local with
+        None (the new params are replicas, identical on every rank)."""
+        self.process_group = process_group
+        self._given_params.update(id(p) for g in self.param_groups for p in g["params"])
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: float = 1.0):
@@ -128,7 +142,9 @@ class FusedOptimizer(Optimizer):
         if self.max_grad_norm is None and self.nonfinite == "apply":
             return grad_scale
         grads = [g for _, _, gs in work for g in gs]
-        stats = global_grad_stats(grads, self.process_group, backend=self.backend)
+        if self.process_group is None and active():
+            self._refuse_unknown_shards(work, grads)
+        stats = global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout)
         sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
         bad = bool(flag > 0) or not bool(torch.isfinite(sumsq))
         norm = sumsq.sqrt() * grad_scale
@@ -142,6 +158,21 @@ class FusedOptimizer(Optimizer):
         # fp32, as torch.nn.utils.clip_grad_norm_ computes it.
         coef = torch.clamp(self.max_grad_norm / (norm + CLIP_EPS), max=1.0)
         return float(coef) * grad_scale
+
+    def _refuse_unknown_shards(self, work, grads: Sequence[torch.Tensor]) -> None:
+        """Plain params we were not given, with several ranks and no group, are some wrapper's
+        partitions: local statistics would clip and skip per rank, so refuse instead."""
+        if any(is_dtensor(g) for g in grads):
+            return
+        swapped = sum(id(p) not in self._given_params for _, params, _ in work for p in params)
+        if swapped:
+            raise ValueError(
+                f"process_group=None: {type(self).__name__} steps {swapped} tensor(s) it was not given "
+                "(a wrapper such as DeepSpeed ZeRO replaced the params with its partitions) and cannot "
+                "tell which ranks share them, so clipping and non-finite skipping would be decided per "
+                "rank. Import dist_optim before deepspeed.initialize (it binds the data-parallel group), "
+                "or pass process_group= (the group the partitions are split over)"
+            )
 
     def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, its own key block (the last one) built on first use."""
