@@ -14,7 +14,14 @@ from .optim import (
     RMSprop,
 )
 
+from .integrations.deepspeed import install as _install_deepspeed
+
 __version__ = "0.1.0"
+
+# DeepSpeed's engine learns our optimizers (ds_config types, ZeRO support, clipping ownership, the
+# data-parallel group) whenever DeepSpeed is imported, so plain deepspeed.initialize and
+# accelerate's plugin work without a wrapper; nothing is imported until then.
+_install_deepspeed()
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger", "LBFGS",

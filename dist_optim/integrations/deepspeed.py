@@ -1,32 +1,31 @@
-"""dist-optim under DeepSpeed ZeRO: ds_config plug-in, ZeRO support marking, clipping ownership.
+"""dist-optim under DeepSpeed: every way our optimizer reaches an engine behaves the same.
 
-    import dist_optim.deepspeed
-    engine, optimizer, _, _ = dist_optim.deepspeed.initialize(model=model, config="ds_config.json")
+``import dist_optim`` arranges (at once, or when DeepSpeed is first imported) for DeepSpeed's engine
+to know our optimizers, so all of these give the same engine:
+- ``deepspeed.initialize(model=..., optimizer=dist_optim.AdamW(...), config=...)``;
+- a ds_config ``"optimizer": {"type": "dist_optim.Ranger", "params": {...}}`` (JSON lists become
+  tuples; ``dist_optim.Lookahead`` nests ``{"optimizer": {...}, "k": 5, "alpha": 0.5}``);
+- accelerate's DeepSpeed plugin (``accelerator.prepare``) and HF-style ``optimizers=(opt, sched)``,
+  which call ``deepspeed.initialize`` themselves;
+- ``dist_optim.deepspeed.initialize(...)``, which is ``deepspeed.initialize`` after the import.
+Our optimizers are marked ZeRO-supported (no ``zero_allow_untested_optimizer``) and accepted with
+``offload_optimizer`` (no ``zero_force_ds_cpu_optimizer: false``, unless the config sets it).
 
-with ``"optimizer": {"type": "dist_optim.Ranger", "params": {"lr": 3e-4, "betas": [0.95, 0.999]}}`` in the
-config (JSON lists become tuples), or ``optimizer=dist_optim.AdamW(...)`` as a client optimizer.
-Importing this module marks our optimizers as ZeRO-supported, so ``zero_allow_untested_optimizer``
-is not needed.
-
-Our optimizers step ZeRO's flat fp32 partitions. Per-param step counters (bias corrections, RAdam's
-rho_t, Lookahead's k) advance once per global step, also when ZeRO-3 calls ``step()`` once per
-sub-group. Clipping and non-finite steps, never twice:
-- ZeRO-1/2 call ``step()`` once per global step on the rank's partitions: our ``max_grad_norm`` and
-  ``nonfinite`` work as everywhere (one all-reduce over the data-parallel group, the coefficient
-  folded into the update); DeepSpeed's ``gradient_clipping`` is set to 0 and, where DeepSpeed has
-  the switch, its own norm computation (``zero_optimization.compute_grad_norm``) is turned off;
-- ZeRO-3 calls ``step()`` per sub-group, where no call sees the global norm: ``max_grad_norm``
-  becomes DeepSpeed's ``gradient_clipping`` (a global norm over all partitions), and DeepSpeed's own
-  check skips non-finite steps on every rank; the inner optimizer runs with ``nonfinite="apply"``.
-Giving both ``max_grad_norm`` and a non-zero ``gradient_clipping`` is refused. With neither,
-DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
+One clipping owner, settled once the engine knows its precision wrapper:
+- ZeRO-1/2 (and their bf16 + fp32-accumulation wrapper): ours. The update's grad statistics reduce
+  over the wrapper's data-parallel group (bound after the wrapper swaps in its flat partitions),
+  DeepSpeed's ``gradient_clipping`` becomes 0, and where DeepSpeed allows it
+  (``DeepSpeedZeroOptimizer`` without offload) its now redundant norm is not computed;
+- ZeRO-0 (replicated params, fp32 or DeepSpeed's fp16/bf16 master copies): ours, statistics local;
+- ZeRO-3, which calls ``step()`` once per sub-group so no call sees the global norm: DeepSpeed's.
+  ``max_grad_norm`` becomes ``gradient_clipping``; DeepSpeed skips non-finite steps on every rank,
+  and the inner optimizer runs with ``nonfinite="apply"`` (``"raise"`` is refused).
+A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
+neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
 L-BFGS is refused: the engine's ``step()`` takes no closure.
 """
-
 from __future__ import annotations
 
-import copy
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -80,84 +79,146 @@ def _base(optimizer: Any):
     return optimizer.optimizer if isinstance(optimizer, _optim.Lookahead) else optimizer
 
 
-def _load_config(config: Any) -> dict:
-    if config is None:
-        return {}
-    if isinstance(config, (str, Path)):
-        return json.loads(Path(config).read_text())
-    return copy.deepcopy(dict(config))
+def _ours(optimizer: Any):
+    """Our FusedOptimizer inside ``optimizer`` (itself or Lookahead's inner), else None."""
+    base = _base(optimizer)
+    return base if isinstance(base, _optim.FusedOptimizer) else None
 
 
-def prepare(config: Any, optimizer: Any, params: Any) -> tuple[dict, Any]:
-    """(the config DeepSpeed should see, our optimizer or the caller's) with the clipping and
-    non-finite ownership settled for the ZeRO stage."""
-    config = _load_config(config)
-    spec = config.get("optimizer")
-    if spec is not None and str(spec.get("type", "")).startswith(PREFIX):
-        if optimizer is not None:
-            raise ValueError("Invalid optimizer: give it in ds_config or as optimizer=, not both")
-        optimizer = build_from_config(spec, params)
-        del config["optimizer"]
+def _raw_config(engine: Any) -> dict:
+    """The config as the user wrote it (DeepSpeed fills defaults into its parsed form)."""
+    return getattr(engine._config, "_param_dict", None) or {}
+
+
+def settle_clipping(engine: Any, optimizer: Any) -> None:
+    """Before the engine builds its wrapper: decide who clips and skips (see the module doc)."""
     if isinstance(optimizer, _optim.LBFGS):
         raise ValueError("Invalid optimizer: LBFGS cannot run under DeepSpeed (the engine's step() takes no closure)")
-    base = _base(optimizer)
-    if not isinstance(base, _optim.FusedOptimizer):
-        return config, optimizer
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    ds_clip = config.get("gradient_clipping")
-    if base.max_grad_norm is not None and ds_clip not in (None, 0, 0.0):
+    base = _ours(optimizer)
+    if base is None:
+        return
+    raw = _raw_config(engine)
+    ds_clip = raw.get("gradient_clipping")
+    if base.max_grad_norm is not None and ds_clip not in (None, 0, 0.0, "auto"):
         raise ValueError(
             f"Invalid gradient_clipping: {ds_clip!r} together with max_grad_norm={base.max_grad_norm!r} "
             "(clip once: drop one of them)"
         )
-    if stage >= 3:
+    if engine.zero_optimization_stage() >= 3:
         if base.nonfinite == "raise":
             raise ValueError("Invalid nonfinite: 'raise' under ZeRO-3 (DeepSpeed skips non-finite steps on every rank)")
         if base.max_grad_norm is not None:
-            config["gradient_clipping"] = base.max_grad_norm
+            engine._config.gradient_clipping = base.max_grad_norm
             base.max_grad_norm = None
         base.nonfinite = "apply"
     elif base.max_grad_norm is not None:
-        config["gradient_clipping"] = 0.0
-    return config, optimizer
+        engine._config.gradient_clipping = 0.0
 
 
-def _skip_deepspeeds_norm(config: dict, optimizer: Any) -> None:
-    """When our clipping owns the norm on ZeRO-1/2, DeepSpeed's own global-norm all-reduce (which it
-    would compute for nothing) is turned off, where this DeepSpeed version has the switch and the
-    user did not set it."""
-    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None:
+    """ZeRO-1/2's DeepSpeedZeroOptimizer computes a global norm we already fold into the update:
+    turn it off where DeepSpeed allows (no offload; not the bf16 + fp32-accumulation wrapper, which
+    needs it) and the user did not choose."""
+    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION  # the engine's name for this wrapper
 
-    base = _base(optimizer)
-    zero = config.get("zero_optimization", {})
+    base = _ours(optimizer)
+    zero = engine._config.zero_config
     if (
-        isinstance(base, _optim.FusedOptimizer)
-        and base.max_grad_norm is not None
-        and int(zero.get("stage", 0)) in (1, 2)
-        and "compute_grad_norm" in getattr(DeepSpeedZeroConfig, "model_fields", {})
+        base is None
+        or base.max_grad_norm is None
+        or wrapper_kind != ZERO_OPTIMIZATION
+        or engine.zero_optimization_stage() not in (1, 2)
+        or engine.zero_cpu_offload()
+        or not hasattr(zero, "compute_grad_norm")
+        or "compute_grad_norm" in _raw_config(engine).get("zero_optimization", {})
     ):
-        config["zero_optimization"] = {**zero, "compute_grad_norm": zero.get("compute_grad_norm", False)}
+        return
+    zero.compute_grad_norm = False
 
 
-def initialize(*, model: Any, config: Any = None, optimizer: Any = None, model_parameters: Any = None, **kwargs: Any):
-    """``deepspeed.initialize`` that understands ``"type": "dist_optim.<Name>"`` (see the module doc)."""
+def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
+    """After the engine built its wrapper around ours: tell ours which ranks share its params."""
+    base = _ours(optimizer)
+    if base is None or engine.zero_optimization_stage() >= 3:
+        return  # ZeRO-3: DeepSpeed owns clipping and skipping; nothing reduces on our side
+    wrapper = engine.optimizer
+    group = getattr(wrapper, "dp_process_group", None) if wrapper is not optimizer else None
+    if group is None:
+        base.bind_params(None)  # ZeRO-0: params (or master copies) are replicas on every rank
+        return
+    groups = getattr(wrapper, "real_dp_process_group", [group])
+    if any(g is not group for g in groups):
+        raise ValueError(
+            "Invalid optimizer: param groups partitioned over different data-parallel groups (MoE expert "
+            "parallelism) need one global norm over several groups; use DeepSpeed's gradient_clipping and "
+            "nonfinite='apply' instead of max_grad_norm"
+        )
+    base.bind_params(group)
+
+
+def _patch_engine(engine_module: Any) -> None:
+    """Teach DeepSpeedEngine our optimizers (idempotent)."""
+    engine_cls = engine_module.DeepSpeedEngine
+    if getattr(engine_cls, "_dist_optim_patched", False):
+        return
+    mark_zero_supported()
+    is_supported = engine_cls._is_supported_optimizer
+    configure_basic = engine_cls._configure_basic_optimizer
+    sanity_check = engine_cls._do_optimizer_sanity_check
+    configure = engine_cls._configure_optimizer
+
+    def _is_supported_optimizer(self, optimizer_name):
+        if isinstance(optimizer_name, str) and optimizer_name.startswith(PREFIX):
+            if optimizer_name[len(PREFIX):].lower() not in (*OPTIMIZERS, "lookahead"):
+                raise ValueError(f"Invalid optimizer type: {optimizer_name!r} (valid: {', '.join(VALID_TYPES)})")
+            return True
+        return is_supported(self, optimizer_name)
+
+    def _configure_basic_optimizer(self, model_parameters):
+        name = self.optimizer_name()
+        if isinstance(name, str) and name.startswith(PREFIX):
+            return build_from_config({"type": name, "params": self.optimizer_params() or {}}, model_parameters)
+        return configure_basic(self, model_parameters)
+
+    def _do_optimizer_sanity_check(self, basic_optimizer):
+        settle_clipping(self, basic_optimizer)
+        kind = sanity_check(self, basic_optimizer)
+        _skip_redundant_norm(self, basic_optimizer, kind)
+        return kind
+
+    def _configure_optimizer(self, client_optimizer, model_parameters):
+        if (
+            client_optimizer is not None
+            and _ours(client_optimizer) is not None
+            and "zero_force_ds_cpu_optimizer" not in _raw_config(self)
+        ):
+            # DeepSpeed refuses client optimizers under offload for torch.optim's sake; ours step CPU
+            # partitions themselves. A config that sets the flag is obeyed.
+            self._config.zero_force_ds_cpu_optimizer = False
+        configure(self, client_optimizer, model_parameters)
+        bind_to_wrapper(self, self.basic_optimizer)
+
+    engine_cls._is_supported_optimizer = _is_supported_optimizer
+    engine_cls._configure_basic_optimizer = _configure_basic_optimizer
+    engine_cls._do_optimizer_sanity_check = _do_optimizer_sanity_check
+    engine_cls._configure_optimizer = _configure_optimizer
+    engine_cls._dist_optim_patched = True
+
+
+def install() -> None:
+    """Patch DeepSpeed's engine now if DeepSpeed is imported, else right after it is."""
+    from ._post_import import when_imported
+
+    when_imported("deepspeed.runtime.engine", _patch_engine)
+
+
+def initialize(**kwargs: Any):
+    """``deepspeed.initialize(**kwargs)`` with our optimizers known to the engine (the same as calling
+    it after ``import dist_optim``); ``"type": "dist_optim.<Name>"`` works in ``config``."""
     import deepspeed
 
-    mark_zero_supported()
-    params = model_parameters if model_parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    config, optimizer = prepare(config, optimizer, params)
-    _skip_deepspeeds_norm(config, optimizer)
-    engine, opt, loader, sched = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=params, config=config, **kwargs
-    )
-    base = _base(optimizer)
-    stage = int(config.get("zero_optimization", {}).get("stage", 0))
-    if isinstance(base, _optim.FusedOptimizer) and stage in (1, 2) and base.process_group is None:
-        # ZeRO-1/2 hand each rank disjoint flat partitions: our grad statistics sum over the
-        # data-parallel group (ZeRO-3's were handed to DeepSpeed above; without ZeRO the params
-        # are replicated and local statistics are already global).
-        base.process_group = opt.dp_process_group
-    return engine, opt, loader, sched
+    install()
+    return deepspeed.initialize(**kwargs)
 
 
 def save_checkpoint_atomic(engine: Any, root: str, step: int, *, extra: dict | None = None, keep: int = 2) -> Path:

@@ -92,29 +92,9 @@ def test_unknown_type_lists_the_valid_names():
         dod.build_from_config({"type": "dist_optim.Adamax"}, _params())
 
 
-def test_lbfgs_is_refused_with_the_reason():
-    with pytest.raises(ValueError, match="takes no closure"):
-        dod.prepare({}, dist_optim.LBFGS(_params()), None)
+def test_lbfgs_is_refused_in_a_ds_config():
     with pytest.raises(ValueError, match="takes no closure"):
         dod.build_from_config({"type": "dist_optim.LBFGS"}, _params())
-
-
-def test_both_clippings_are_refused():
-    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
-    with pytest.raises(ValueError, match="gradient_clipping: 0.5 together with max_grad_norm=1.0"):
-        dod.prepare({"gradient_clipping": 0.5, "zero_optimization": {"stage": 2}}, opt, None)
-
-
-@pytest.mark.parametrize("stage,ds_clip,ours", [(2, 0.0, 1.0), (3, 1.0, None), (0, 0.0, 1.0)])
-def test_clipping_has_one_owner_per_stage(stage, ds_clip, ours):
-    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
-    config, _ = dod.prepare({"zero_optimization": {"stage": stage}}, opt, None)
-    assert config["gradient_clipping"] == ds_clip and opt.max_grad_norm == ours
-
-
-def test_without_our_clipping_deepspeeds_config_stands():
-    config, _ = dod.prepare({"zero_optimization": {"stage": 2}}, dist_optim.AdamW(_params()), None)
-    assert "gradient_clipping" not in config
 
 
 world1 = world_fixture(1)
@@ -154,17 +134,3 @@ def test_world_1_equals_one_process(world1, stage):
     (params,) = world1.run(cases.run_zero, stage, "Ranger", 4)
     for a, b in zip(params, cases.reference("Ranger", 4, 1)):
         torch.testing.assert_close(a, b, **TOL)
-
-
-@pytest.mark.parametrize(
-    "stage,given,expected",
-    [(2, None, False), (1, None, False), (2, True, True), (3, None, None)],
-)
-def test_deepspeeds_redundant_norm_is_turned_off_when_ours_clips(stage, given, expected):
-    from dist_optim.integrations.deepspeed import _skip_deepspeeds_norm
-
-    opt = dist_optim.AdamW(_params(), max_grad_norm=1.0)
-    zero = {"stage": stage} if given is None else {"stage": stage, "compute_grad_norm": given}
-    config, opt = dod.prepare({"zero_optimization": zero}, opt, None)
-    _skip_deepspeeds_norm(config, opt)
-    assert config["zero_optimization"].get("compute_grad_norm") == expected

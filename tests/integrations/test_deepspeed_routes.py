@@ -1,0 +1,149 @@
+"""Every way our optimizer reaches a DeepSpeed engine equals DeepSpeed's built-in AdamW (torch_adam)
+in the identical set-up, at world 2 (gloo, DS_ACCELERATOR=cpu), with the data giving each rank a
+different local gradient norm, so clipping by a local norm would show.
+
+Tolerances, fp32 master weights after 4 steps:
+- fp32: rtol 1e-5 / atol 1e-6: the two clip coefficients come from the same norm summed in another
+  order (ours in fp32 over flat partitions, DeepSpeed's in fp64), as for FSDP2 against one process;
+- bf16 / fp16 compute: atol 2e-4, about 2% of the lr: the forward and backward run in half
+  precision on weights rounded from the masters, so a last-bit difference in a master weight can
+  flip one rounded weight and move the next gradients by a half-precision ulp. A per-rank clip
+  (the bug this guards) moves the weights by 1e-2 here.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed", reason="pip install --no-build-isolation deepspeed")
+
+from tests.integrations import _ds_routes as routes  # noqa: E402
+from tests.multiproc import world_fixture  # noqa: E402
+
+WORLD = 2
+CLIP = 0.05  # below every rank's local gradient norm on this data
+world = world_fixture(WORLD)
+
+
+def tol(precision: str) -> dict:
+    return dict(rtol=1e-5, atol=1e-6) if precision == "fp32" else dict(rtol=0.0, atol=2e-4)
+
+
+@pytest.fixture(scope="module")
+def builtin(world):
+    """DeepSpeed's own AdamW runs, computed once per set-up."""
+    cache: dict = {}
+
+    def get(stage, precision, max_norm, **kw):
+        key = (stage, precision, max_norm, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        if key not in cache:
+            cache[key] = world.run(routes.run, "builtin", stage, precision, max_norm, **kw)
+        return cache[key]
+
+    return get
+
+
+def assert_same(ours, ref, precision):
+    for (a_params, a_lrs, _), (b_params, b_lrs, _) in zip(ours, ref):
+        assert a_lrs == b_lrs
+        for a, b in zip(a_params, b_params):
+            torch.testing.assert_close(a, b, **tol(precision))
+
+
+@pytest.mark.parametrize("max_norm", [None, CLIP])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16+fp32acc", "fp16"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_plain_deepspeed_initialize_with_our_optimizer_equals_builtin(world, builtin, stage, precision, max_norm):
+    ours = world.run(routes.run, "client", stage, precision, max_norm)
+    assert_same(ours, builtin(stage, precision, max_norm), precision)
+
+
+def test_clipping_is_active_in_these_set_ups(builtin):
+    clipped = builtin(2, "fp32", CLIP)[0][0]
+    unclipped = builtin(2, "fp32", None)[0][0]
+    assert max((a - b).abs().max().item() for a, b in zip(clipped, unclipped)) > 1e-3
+
+
+@pytest.mark.parametrize("route,stage", [("config", 1), ("config", 3), ("wrapper", 2), ("config", 2)])
+def test_ds_config_type_and_our_wrapper_equal_builtin(world, builtin, route, stage):
+    ours = world.run(routes.run, route, stage, "bf16", CLIP)
+    assert_same(ours, builtin(stage, "bf16", CLIP), "bf16")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_cpu_offload_needs_no_force_flag_and_equals_builtin(world, builtin, stage):
+    ours = world.run(routes.run, "client", stage, "fp32", CLIP, offload=True)
+    assert_same(ours, builtin(stage, "fp32", CLIP, offload=True), "fp32")
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_gradient_accumulation_steps_equal_builtin(world, builtin, stage):
+    ours = world.run(routes.run, "client", stage, "fp32", CLIP, accum=2)
+    assert_same(ours, builtin(stage, "fp32", CLIP, accum=2), "fp32")
+
+
+@pytest.mark.parametrize(
+    "scheduler",
+    [
+        {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01, "warmup_num_steps": 3}},
+        {"type": "WarmupCosineLR", "params": {"total_num_steps": 6, "warmup_num_steps": 2}},
+    ],
+)
+def test_a_ds_config_scheduler_drives_our_lr(world, builtin, scheduler):
+    ours = world.run(routes.run, "client", 2, "fp32", CLIP, scheduler=scheduler)
+    lrs = ours[0][1]
+    assert len(set(lrs)) > 1, "the schedule must move the lr"
+    assert_same(ours, builtin(2, "fp32", CLIP, scheduler=scheduler), "fp32")
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_engine_checkpoint_continues_bit_for_bit(world, tmp_path, stage):
+    root = str(tmp_path / "ckpt")
+    straight = world.run(routes.run_checkpoint, "client", stage, root, False)
+    resumed = world.run(routes.run_checkpoint, "client", stage, root, True)
+    for a_params, b_params in zip(straight, resumed):
+        for a, b in zip(a_params, b_params):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "stage,precision,kw,expected",
+    [
+        (0, "fp32", {}, (0.0, CLIP, "skip", True, "AdamW")),
+        (1, "fp32", {}, (0.0, CLIP, "skip", False, "DeepSpeedZeroOptimizer")),
+        # Megatron-DeepSpeed's bf16 set-up: DeepSpeed needs its norm there, ours still clips once.
+        (1, "bf16+fp32acc", {}, (0.0, CLIP, "skip", True, "BF16_Optimizer")),
+        (2, "fp32", {"offload": True}, (0.0, CLIP, "skip", True, "DeepSpeedZeroOptimizer")),
+        (2, "fp32", {"zero_extra": {"compute_grad_norm": True}}, (0.0, CLIP, "skip", True, "DeepSpeedZeroOptimizer")),
+        (3, "fp32", {}, (CLIP, None, "apply", True, "DeepSpeedZeroOptimizer_Stage3")),
+    ],
+)
+def test_clipping_has_one_owner_in_every_set_up(world, stage, precision, kw, expected):
+    assert world.run(routes.ownership, stage, precision, **kw) == [expected] * WORLD
+
+
+def test_without_our_clipping_deepspeeds_config_stands(world):
+    assert world.run(routes.deepspeed_clipping_without_ours) == [1.0] * WORLD  # DeepSpeed's default
+
+
+def test_misuse_is_refused_with_what_to_do(world):
+    errors = world.run(routes.refused_routes)[0]
+    assert "gradient_clipping: 0.5 together with max_grad_norm=0.05" in errors["both clippings"]
+    assert "takes no closure" in errors["lbfgs"]
+    assert "Invalid optimizer type: 'dist_optim.Adamax' (valid: dist_optim.SGD" in errors["unknown type"]
+    assert "Invalid nonfinite: 'raise' under ZeRO-3" in errors["raise on zero3"]
+
+
+def test_a_sharded_optimizer_without_its_group_refuses_to_clip_per_rank(world):
+    for swapped, own in world.run(routes.swapped_params_step):
+        assert own == ""
+        assert "process_group=None" in swapped and "per rank" in swapped
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_accelerate_deepspeed_plugin_with_hf_style_optimizer_and_scheduler_equals_builtin(world, builtin, stage):
+    """``Accelerator(deepspeed_plugin=...)`` and ``prepare(model, opt, sched)``, as HF's Trainer hands
+    over ``optimizers=(opt, sched)``; accelerate's DeepSpeed path runs on CPU here."""
+    ours = world.run(routes.run_accelerate, stage, "bf16", CLIP)
+    assert_same(ours, builtin(stage, "bf16", CLIP), "bf16")
