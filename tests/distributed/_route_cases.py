@@ -264,12 +264,20 @@ def _train_steps(net, opt, start: int, stop: int) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     for step in range(start, stop):
         ids, targets = global_batch(step, world)
-        lm_loss(net, data_slice(ids, rank, world), data_slice(targets, rank, world)).backward()
+        lm_loss(net, data_slice(ids, rank, world), data_slice(targets, rank, world), use_aux=uses_aux(step)).backward()
         opt.step()
         opt.zero_grad()
 
 
-def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: bool, max_grad_norm: float | None):
+def _dcp_model(seed: int, frozen: bool, aux: bool) -> nn.Module:
+    net = make_model(seed=seed, aux=aux)
+    if frozen:
+        net.blocks[0].up.requires_grad_(False)
+    return shard_per_block(net)
+
+
+def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: bool, max_grad_norm: float | None,
+                       frozen: bool = False, aux: bool = False, side: str = "ours"):
     """Train ``before`` steps, save with DCP (the user's own calls), train ``after`` more; then a
     fresh model (another init) and optimizer load the checkpoint and train the same ``after`` steps.
     Returns both runs' params and state, which must be bitwise equal."""
@@ -278,24 +286,24 @@ def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: b
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
 
-    net = shard_per_block(make_model(seed=0))
-    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm)
+    net = _dcp_model(0, frozen, aux)
+    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm) if side == "ours" else reference(name, param_groups(net, two_groups=True))
     _train_steps(net, opt, 0, before)
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
     flat = all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in optim_sd)
     assert flat == flatten, sorted(optim_sd)[:4]
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root)
     _train_steps(net, opt, before, before + after)
-    uninterrupted = (named_full_params(net), named_full_state(net, opt), opt.skipped_steps)
+    uninterrupted = (named_full_params(net), named_full_state(net, opt), getattr(opt, "skipped_steps", 0))
 
-    net = shard_per_block(make_model(seed=123))  # everything must come from the checkpoint
-    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm)
+    net = _dcp_model(123, frozen, aux)  # everything must come from the checkpoint
+    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm) if side == "ours" else reference(name, param_groups(net, two_groups=True))
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=root)
     set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=options)
     _train_steps(net, opt, before, before + after)
-    resumed = (named_full_params(net), named_full_state(net, opt), opt.skipped_steps)
+    resumed = (named_full_params(net), named_full_state(net, opt), getattr(opt, "skipped_steps", 0))
     return uninterrupted, resumed
 
 
