@@ -192,6 +192,11 @@ def reference(name: str, groups):
     raise KeyError(name)
 
 
+def make_optimizer(side: str, name: str, groups, max_grad_norm: float | None):
+    """``side`` "ours" (with ``max_grad_norm``) or "torch" (whose caller clips with torch's function)."""
+    return ours(name, groups, max_grad_norm=max_grad_norm) if side == "ours" else reference(name, groups)
+
+
 # --- reading results back ------------------------------------------------------------------------
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -214,8 +219,7 @@ def named_full_state(net: nn.Module, opt) -> dict[str, dict[str, torch.Tensor]]:
 # --- one training run, as the user of each route writes it ----------------------------------------
 
 def train(side: str, name: str, steps: int, *, route: str = "per_block", max_grad_norm: float | None = None,
-          two_groups: bool = False, tied: bool = False, frozen: bool = False, aux: bool = False,
-          ours_kw: dict | None = None):
+          two_groups: bool = False, tied: bool = False, frozen: bool = False, aux: bool = False):
     """One run on this rank's data slice under FSDP2; ``side`` is "ours" or "torch". Returns the
     full params and state by name and the grad norm of every step (ours: ``last_grad_norm``;
     torch: what ``clip_grad_norm_`` returned)."""
@@ -225,10 +229,7 @@ def train(side: str, name: str, steps: int, *, route: str = "per_block", max_gra
         net.blocks[0].up.requires_grad_(False)
     shard_per_block(net, **fsdp_kwargs(route))
     groups = param_groups(net, two_groups)
-    if side == "ours":
-        opt = ours(name, groups, max_grad_norm=max_grad_norm, **(ours_kw or {}))
-    else:
-        opt = reference(name, groups)
+    opt = make_optimizer(side, name, groups, max_grad_norm)
     norms = []
     for step in range(steps):
         ids, targets = global_batch(step, world)
@@ -280,14 +281,15 @@ def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: b
                        frozen: bool = False, aux: bool = False, side: str = "ours"):
     """Train ``before`` steps, save with DCP (the user's own calls), train ``after`` more; then a
     fresh model (another init) and optimizer load the checkpoint and train the same ``after`` steps.
-    Returns both runs' params and state, which must be bitwise equal."""
+    Returns both runs' params and state, which must be bitwise equal. (``side="torch"`` runs
+    torch.optim through the same calls, to tell DCP's own limits from ours.)"""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     options = StateDictOptions(flatten_optimizer_state_dict=flatten)
 
     net = _dcp_model(0, frozen, aux)
-    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm) if side == "ours" else reference(name, param_groups(net, two_groups=True))
+    opt = make_optimizer(side, name, param_groups(net, two_groups=True), max_grad_norm)
     _train_steps(net, opt, 0, before)
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
     flat = all(isinstance(k, str) and k.startswith(("state.", "param_groups.")) for k in optim_sd)
@@ -297,7 +299,7 @@ def run_dcp_round_trip(name: str, root: str, before: int, after: int, flatten: b
     uninterrupted = (named_full_params(net), named_full_state(net, opt), getattr(opt, "skipped_steps", 0))
 
     net = _dcp_model(123, frozen, aux)  # everything must come from the checkpoint
-    opt = ours(name, param_groups(net, two_groups=True), max_grad_norm=max_grad_norm) if side == "ours" else reference(name, param_groups(net, two_groups=True))
+    opt = make_optimizer(side, name, param_groups(net, two_groups=True), max_grad_norm)
     model_sd, optim_sd = get_state_dict(net, opt, options=options)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=root)
@@ -357,7 +359,7 @@ def run_accelerate_swap(name: str, steps: int, max_grad_norm: float | None, tied
     for side in ("ours", "torch"):
         net = make_model(tied=tied)
         groups = param_groups(net, two_groups=True)
-        opt = ours(name, groups, max_grad_norm=max_grad_norm) if side == "ours" else reference(name, groups)
+        opt = make_optimizer(side, name, groups, max_grad_norm)
         net = accelerate_prepare(net, opt.inner if isinstance(opt, PlainLookahead) else opt)
         if isinstance(opt, PlainLookahead):
             opt.params = [p for g in opt.inner.param_groups for p in g["params"]]
@@ -428,7 +430,7 @@ def run_mesh_pair(layout: str, name: str, steps: int, max_grad_norm: float | Non
         else:
             net, index, n_data = tp_fsdp_shard(net)
         groups = param_groups(net, two_groups=True)
-        opt = ours(name, groups, max_grad_norm=max_grad_norm) if side == "ours" else reference(name, groups)
+        opt = make_optimizer(side, name, groups, max_grad_norm)
         norms = []
         for step in range(steps):
             ids, targets = global_batch(step, n_data)
@@ -453,7 +455,7 @@ def one_process(name: str, steps: int, n_data: int, max_grad_norm: float | None,
     data-parallel averaging computes), with our optimizer or torch's."""
     net = make_model()
     groups = param_groups(net, two_groups=True)
-    opt = ours(name, groups, max_grad_norm=max_grad_norm) if side == "ours" else reference(name, groups)
+    opt = make_optimizer(side, name, groups, max_grad_norm)
     norms = []
     for step in range(steps):
         ids, targets = global_batch(step, n_data)

@@ -105,11 +105,17 @@ def test_tp_fsdp_with_clipping_equals_one_process(runs, name):
 
 @pytest.mark.parametrize(
     "layout,param",
-    [("tp", "blocks.0.norm.weight"), ("tp", "blocks.0.down.bias"), ("tp", "blocks.0.up.weight"), ("hsdp", "norm.weight")],
+    [
+        ("tp", "blocks.0.norm.weight"),
+        ("tp", "blocks.0.down.bias"),
+        ("tp", "blocks.0.up.weight"),
+        ("hsdp", "norm.weight"),
+    ],
 )
 def test_nan_on_one_rank_is_skipped_on_every_rank(world, layout, param):
     """The last rank sits at coordinate 1 of "tp" ("replicate" for HSDP): its copy of a DP-only norm,
     of the row-parallel bias or of an HSDP param is a replica the norm does not count, yet its NaN
     must make every rank skip; a NaN in a TP shard likewise. Params and state stay as they were."""
-    for skipped, same_params, same_state in world.run(cases.run_nan_on_the_last_rank, layout, "AdamW", param):
+    results = world.run(cases.run_nan_on_the_last_rank, layout, "AdamW", param)
+    for skipped, same_params, same_state in results:
         assert skipped == 1 and same_params and same_state

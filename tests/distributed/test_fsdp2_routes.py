@@ -111,7 +111,8 @@ def test_two_param_groups_without_decay_on_norms_and_biases_equal_torch_optim(wo
 @pytest.mark.parametrize("name", ["AdamW", "Ranger"])
 def test_nan_on_one_rank_is_skipped_on_every_rank_without_a_mesh(world, name):
     """nonfinite="skip" under per-block meshes: one rank's NaN skips the step everywhere, nothing moves."""
-    for skipped, same_params, same_state in world.run(cases.run_nan_on_the_last_rank, "per_block", name, "blocks.1.up.weight"):
+    results = world.run(cases.run_nan_on_the_last_rank, "per_block", name, "blocks.1.up.weight")
+    for skipped, same_params, same_state in results:
         assert skipped == 1 and same_params and same_state
 
 
