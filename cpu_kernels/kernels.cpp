@@ -175,8 +175,9 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
     float* __restrict ga = S[2];
     const float alpha = c[2], oma = c[3], eps = c[4], mom = c[5], nlr = c[6], wm1 = c[7];
     const bool centered = f[1], has_mom = f[2], small = f[3];
-    auto loop = [&](auto centered_c, auto has_mom_c) {
+    auto loop = [&](auto centered_c, auto has_mom_c, auto small_c) {
       constexpr bool C = decltype(centered_c)::value, M = decltype(has_mom_c)::value;
+      constexpr bool SMALL = decltype(small_c)::value;
       for (int64_t i = 0; i < n; ++i) {
         float gi = g[i];
         float s = sq[i] * alpha;
@@ -184,7 +185,7 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
         sq[i] = s;
         float avg;
         if constexpr (C) {
-          float gav = lerp(ga[i], gi, oma, wm1, small);
+          float gav = lerp(ga[i], gi, oma, wm1, SMALL);
           ga[i] = gav;
           avg = std::sqrt(std::fma(-1.0f * gav, gav, s));
         } else {
@@ -203,8 +204,13 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
     };
     using T = std::true_type;
     using N = std::false_type;
-    if (centered) { if (has_mom) loop(T{}, T{}); else loop(T{}, N{}); }
-    else { if (has_mom) loop(N{}, T{}); else loop(N{}, N{}); }
+    // Every switch a compile-time constant: a branch inside the loop would keep GCC from vectorizing it.
+    if (centered) {
+      if (has_mom) { if (small) loop(T{}, T{}, T{}); else loop(T{}, T{}, N{}); }
+      else { if (small) loop(T{}, N{}, T{}); else loop(T{}, N{}, N{}); }
+    } else {
+      if (has_mom) loop(N{}, T{}, N{}); else loop(N{}, N{}, N{});  // no lerp without centering
+    }
   } else if constexpr (F == ADAM || F == RADAM) {
     // sc: grad_scale, weight_decay, 1 - lr*wd, 1 - beta1, (1 - beta1) - 1, beta2, 1 - beta2, eps, -step_size,
     //     bias_correction2_sqrt (Adam), lookahead alpha (Ranger)
@@ -219,22 +225,30 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
     float* __restrict v = S[1];
     float* __restrict x = S[2];  // Adam: max_exp_avg_sq; RAdam: slow_buffer
     const float w = c[3], wm1 = c[4], b2 = c[5], omb2 = c[6], eps = c[7], nss = c[8], bc2 = c[9];
-    for (int64_t i = 0; i < n; ++i) {
-      float gi = g[i];
-      float mi = lerp(m[i], gi, w, wm1, small);
-      m[i] = mi;
-      float vi = v[i] * b2;
-      vi = std::fma(omb2 * gi, gi, vi);
-      v[i] = vi;
-      if constexpr (F == ADAM) {
-        if (opt) { vi = nan_max(x[i], vi); x[i] = vi; }
-        float d = std::sqrt(vi) / bc2 + eps;
-        p[i] = p[i] + (nss * mi) / d;
-      } else {
-        if (opt) p[i] = p[i] + (nss * mi) / (std::sqrt(vi) + eps);
-        else p[i] = std::fma(mi, nss, p[i]);
+    auto loop = [&](auto opt_c, auto small_c) {
+      constexpr bool OPT = decltype(opt_c)::value, SMALL = decltype(small_c)::value;
+      for (int64_t i = 0; i < n; ++i) {
+        float gi = g[i];
+        float mi = lerp(m[i], gi, w, wm1, SMALL);
+        m[i] = mi;
+        float vi = v[i] * b2;
+        vi = std::fma(omb2 * gi, gi, vi);
+        v[i] = vi;
+        if constexpr (F == ADAM) {
+          if constexpr (OPT) { vi = nan_max(x[i], vi); x[i] = vi; }
+          float d = std::sqrt(vi) / bc2 + eps;
+          p[i] = p[i] + (nss * mi) / d;
+        } else {
+          if constexpr (OPT) p[i] = p[i] + (nss * mi) / (std::sqrt(vi) + eps);
+          else p[i] = std::fma(mi, nss, p[i]);
+        }
       }
-    }
+    };
+    using T = std::true_type;
+    using N = std::false_type;
+    // Every switch a compile-time constant: a branch inside the loop would keep GCC from vectorizing it.
+    if (opt) { if (small) loop(T{}, T{}); else loop(T{}, N{}); }
+    else { if (small) loop(N{}, T{}); else loop(N{}, N{}); }
     if constexpr (F == RADAM) {
       if (f[4]) {
         const float la = c[10];
