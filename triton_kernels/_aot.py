@@ -11,7 +11,7 @@ need not have, and what the machine code says about them.
    (``int32_address_findings``). Compiling needs triton's real JIT, not the interpreter, so from an
    interpreting process ``audit`` runs in a child process (``python -m triton_kernels._aot``).
 
-Nothing is cached between runs: the compiles go to a temporary Triton cache directory.
+Nothing is cached: each compile goes to its own temporary Triton cache directory.
 """
 
 from __future__ import annotations
@@ -147,13 +147,16 @@ def compile_spec(spec: dict, arch: int):
     src = ASTSource(fn, spec["signature"], constexprs, attrs)
     options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"], "enable_fp_fusion": True}
     log = io.StringIO()
-    previous = triton.knobs.nvidia.dump_ptxas_log
-    triton.knobs.nvidia.dump_ptxas_log = True  # Triton prints its own ptxas -v log: the build's real figures
-    try:
-        with contextlib.redirect_stdout(log):
-            kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
-    finally:
-        triton.knobs.nvidia.dump_ptxas_log = previous
+    knobs = triton.knobs
+    previous = knobs.nvidia.dump_ptxas_log, knobs.cache.dir
+    with tempfile.TemporaryDirectory() as cache_dir:
+        # A fresh cache, so ptxas always runs, and Triton prints its ptxas -v log: the build's own figures.
+        knobs.nvidia.dump_ptxas_log, knobs.cache.dir = True, cache_dir
+        try:
+            with contextlib.redirect_stdout(log):
+                kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
+        finally:
+            knobs.nvidia.dump_ptxas_log, knobs.cache.dir = previous
     return kernel, log.getvalue()
 
 
@@ -214,7 +217,7 @@ def int32_address_findings(ptx: str) -> list[str]:
     thread index) in 32-bit arithmetic with an operand that can be large (derived from the program
     index, a kernel parameter or a loaded value): the int32 overflow the kernels must not have.
     Widening a bare program index (``mad.wide.u32 %rd, %ctaid, 32``) is fine; ``pid * BLOCK`` in
-    32 bits is not."""
+    32 bits is not, nor is narrowing a 64-bit value to 32 bits on the way to an address."""
     defs: dict[str, list[tuple[str, list[str]]]] = collections.defaultdict(list)
     addresses = []
     for op, operands in _instructions(ptx):
@@ -271,7 +274,8 @@ def int32_address_findings(ptx: str) -> list[str]:
             for op, srcs in defs.get(reg, []):
                 if op.startswith("ld."):
                     continue  # a loaded value is a base, not arithmetic
-                if re.fullmatch(r"%r\d+", reg) and not op.startswith(("mov", "cvt", "selp")):
+                narrowing = op.startswith("cvt") and any(s.startswith("%rd") for s in srcs)
+                if re.fullmatch(r"%r\d+", reg) and (narrowing or not op.startswith(("mov", "cvt", "selp"))):
                     bad = [s for s in srcs if origins(s) & _UNBOUNDED]
                     if bad:
                         findings.append(f"{op} {reg} <- {', '.join(srcs)} (32-bit, from {sorted(origins(bad[0]))})")
@@ -294,10 +298,6 @@ def _audit_one(job) -> dict:
     return row
 
 
-def _init_worker(cache_dir: str) -> None:
-    os.environ["TRITON_CACHE_DIR"] = cache_dir
-
-
 def audit(spec_list: list[dict], archs=ARCHS, workers: int = 2) -> list[dict]:
     """One row per (spec, arch): registers, spills, stack, SASS global accesses by width and any
     int32 address arithmetic. Runs in a child process when this one interprets kernels."""
@@ -314,9 +314,8 @@ def audit(spec_list: list[dict], archs=ARCHS, workers: int = 2) -> list[dict]:
             raise RuntimeError(f"AOT compile failed:\n{done.stderr[-4000:]}")
         return json.loads(done.stdout)
     jobs = [(spec, arch) for spec in spec_list for arch in archs]
-    with tempfile.TemporaryDirectory() as cache_dir:  # cache nothing across runs
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(cache_dir,)) as pool:
-            return list(pool.map(_audit_one, jobs))
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_audit_one, jobs))
 
 
 if __name__ == "__main__":

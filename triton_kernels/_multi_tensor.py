@@ -85,7 +85,7 @@ def chunk_rows(numels: Sequence[int], aligned: Sequence[bool], chunk: int = CHUN
 class TableCache:
     """Device tables keyed on (device, pointers per role, sizes); least recently used out first."""
 
-    def __init__(self, maxsize: int = 32):
+    def __init__(self, maxsize: int = 128):
         self.maxsize = maxsize
         self._tables: OrderedDict = OrderedDict()
         self.builds = 0  # tables built so far (tests count them)
@@ -116,7 +116,9 @@ class TableCache:
         return built
 
 
-# Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use.
+# Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use — ZeRO-3
+# steps each sub-group separately, so a model has as many sets as sub-groups times dtypes. An entry
+# holds only int64 tables, never the tensors.
 TABLES = TableCache()
 
 

@@ -184,3 +184,19 @@ def test_every_spec_compiles_for_both_archs():
     rows = kernel_rows()
     assert len(rows) == 2 * len(recorded_specs())
     assert {r["arch"] for r in rows} == {"sm_80", "sm_90"}
+
+
+def test_python_int_hyperparameters_compile_no_other_specialization():
+    """SGD(lr=1) and SGD(lr=0.5) launch the same specialization (hyperparameters go in as fp32)."""
+    import dist_optim
+    from triton_kernels import _aot, _launch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seen = []
+    for lr in (1, 0.5):
+        p = torch.randn(5, device=device, requires_grad=True)
+        p.grad = torch.randn(5, device=device)
+        with _launch.recording() as calls:
+            dist_optim.SGD([p], lr=lr, backend="triton", nonfinite="apply").step()
+        seen.append(_aot.specs(calls))
+    assert len(seen[0]) == 1 and seen[0] == seen[1]
