@@ -296,7 +296,7 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
   Chunk* chunks = new Chunk[nc];
   build_chunks(nt, numel, chunks);
   Args a{sc, fl};
-  #pragma omp parallel num_threads(nthreads)
+  #pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, nc)))
   {
     alignas(64) float pbuf[BLOCK];
     alignas(64) float gbuf[BLOCK];
@@ -346,7 +346,7 @@ void sumsq_run(int64_t nt, const int64_t* numel, void* const* G, double* out_sum
   build_chunks(nt, numel, chunks);
   double* partial = new double[nc];
   int* bad = new int[nc];
-  #pragma omp parallel num_threads(nthreads)
+  #pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, nc)))
   {
     alignas(64) float gbuf[BLOCK];
     #pragma omp for schedule(static)
@@ -357,17 +357,31 @@ void sumsq_run(int64_t nt, const int64_t* numel, void* const* G, double* out_sum
       for (int64_t off = ch.start; off < ch.start + ch.len; off += BLOCK) {
         int64_t n = std::min(BLOCK, ch.start + ch.len - off);
         const float* g = load<GD>(G[ch.t], off, n, gbuf);
-        // 16 fp32 lanes of partial sums per block (vectorizable), then into the fp64 chunk total
-        float lanes[16] = {0};
-        float inf_test = 0.0f;
+        // Four independent 16-lane accumulators (GCC vector extensions: AVX-512 registers, or pairs
+        // of AVX2 ones), so no add waits on the previous one, then into the fp64 chunk total. The probe
+        // (x0 + x1 + x2 + x3) * 0 turns NaN exactly when one of them is inf/NaN (or their sum
+        // overflows, when the squares overflow too).
+        typedef float v16 __attribute__((vector_size(64)));
+        v16 a0 = {}, a1 = {}, a2 = {}, a3 = {}, probe = {};
         int64_t i = 0;
-        for (; i + 16 <= n; i += 16)
-          for (int l = 0; l < 16; ++l) { float x = g[i + l]; lanes[l] += x * x; inf_test += x * 0.0f; }
+        for (; i + 64 <= n; i += 64) {
+          v16 x0, x1, x2, x3;
+          std::memcpy(&x0, g + i, 64);
+          std::memcpy(&x1, g + i + 16, 64);
+          std::memcpy(&x2, g + i + 32, 64);
+          std::memcpy(&x3, g + i + 48, 64);
+          a0 += x0 * x0;
+          a1 += x1 * x1;
+          a2 += x2 * x2;
+          a3 += x3 * x3;
+          probe += ((x0 + x1) + (x2 + x3)) * 0.0f;
+        }
         double blk = 0.0;
-        for (int l = 0; l < 16; ++l) blk += lanes[l];
+        float inf_test = 0.0f;
+        for (int l = 0; l < 16; ++l) { blk += double(a0[l]) + double(a1[l]) + double(a2[l]) + double(a3[l]); inf_test += probe[l]; }
         for (; i < n; ++i) { float x = g[i]; blk += double(x) * x; inf_test += x * 0.0f; }
         acc += blk;
-        nonfinite |= (inf_test != inf_test);  // x * 0 is NaN exactly for inf/NaN x
+        nonfinite |= (inf_test != inf_test);
       }
       partial[k] = acc;
       bad[k] = nonfinite;
