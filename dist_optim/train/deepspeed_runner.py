@@ -13,6 +13,7 @@ from .. import deepspeed as dod  # the public entry: also marks our optimizers Z
 from ..registry import build_optimizer
 from .config import TrainConfig
 from .model import lm_loss
+from .report import optimizer_label
 
 
 class DeepSpeedRunner:
@@ -43,7 +44,7 @@ class DeepSpeedRunner:
             gradient_accumulation_steps=engine.gradient_accumulation_steps(),
             mixed_precision="bf16" if engine.bfloat16_enabled() else "fp16" if engine.fp16_enabled() else "no",
             gradient_clipping=engine.gradient_clipping(),
-            optimizer=_optimizer_name(self.optimizer),
+            optimizer=optimizer_label(self.optimizer),
             final_lr=self.optimizer.param_groups[0]["lr"],
         )
 
@@ -91,10 +92,3 @@ def _config_from_flags(cfg: TrainConfig) -> dict:
     if cfg.max_grad_norm is None:
         config["gradient_clipping"] = 0.0  # no clipping asked for: not DeepSpeed's default 1.0 either
     return config
-
-
-def _optimizer_name(optimizer) -> str:
-    """``Lookahead(RAdam)`` for a wrapper, else the class name."""
-    inner = getattr(optimizer, "optimizer", None)
-    name = type(optimizer).__name__
-    return f"{name}({type(inner).__name__})" if isinstance(inner, torch.optim.Optimizer) else name

@@ -7,6 +7,17 @@ from pathlib import Path
 from .config import TrainConfig
 
 
+def optimizer_label(optimizer) -> str:
+    """``dist_optim.AdamW``, ``torch.AdamW``, ``dist_optim.Lookahead(dist_optim.RAdam)``: the class and
+    the package it comes from, so ours and a framework's same-named optimizer cannot be confused."""
+    cls = type(optimizer)
+    label = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+    inner = getattr(optimizer, "optimizer", None)
+    if inner is not None and inner is not optimizer and hasattr(inner, "param_groups"):
+        label += f"({optimizer_label(inner)})"
+    return label
+
+
 def write_plot(path: Path, runs: dict[str, list[dict]]) -> None:
     """Training loss per logged step, one line per run."""
     import matplotlib

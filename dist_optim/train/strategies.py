@@ -15,6 +15,7 @@ from ..distributed.checkpoint import load_checkpoint, save_checkpoint
 from ..registry import build_optimizer
 from .config import TrainConfig
 from .model import lm_loss
+from .report import optimizer_label
 
 
 def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
@@ -72,7 +73,7 @@ class TorchRunner:
             engine=self.cfg.strategy,
             prepared_by=self.cfg.launcher if self.cfg.launcher == "accelerate" else "dist-optim",
             mixed_precision=self.cfg.mixed_precision,
-            optimizer=type(self.optimizer).__name__,
+            optimizer=optimizer_label(self.optimizer),
             final_lr=self.optimizer.param_groups[0]["lr"],
             sharded=any(type(p).__name__ == "DTensor" for p in self.model.parameters()),
         )

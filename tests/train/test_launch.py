@@ -53,9 +53,9 @@ def with_ds_config(tmp_path: Path, yaml_name: str, edit) -> Path:
     "config,expected",
     [
         ("fsdp2.yaml", {"engine": "fsdp2", "prepared_by": "accelerate", "sharded": True, "world_size": 2}),
-        ("zero2.yaml", {"engine": "deepspeed", "zero_stage": 2, "optimizer": "Ranger", "micro_batch_size": 8,
+        ("zero2.yaml", {"engine": "deepspeed", "zero_stage": 2, "optimizer": "dist_optim.Ranger", "micro_batch_size": 8,
                         "world_size": 2}),
-        ("zero3.yaml", {"engine": "deepspeed", "zero_stage": 3, "optimizer": "AdamW", "micro_batch_size": 8,
+        ("zero3.yaml", {"engine": "deepspeed", "zero_stage": 3, "optimizer": "dist_optim.AdamW", "micro_batch_size": 8,
                         "world_size": 2}),
     ],
 )
@@ -68,20 +68,38 @@ def test_accelerate_config_runs_what_it_says_with_short_run_defaults(tmp_path, c
     assert cfg["nproc"] == 2 and cfg["launcher"] == "accelerate" and cfg["warmup"] == 1
 
 
-def test_editing_the_ds_config_changes_what_runs(tmp_path):
-    """Stage, optimizer, micro-batch and accumulation come from the JSON the yaml points to."""
-    def edit(ds):
-        ds["zero_optimization"] = {"stage": 1}
-        ds["optimizer"] = {"type": "dist_optim.SGD", "params": {"lr": 0.05, "momentum": 0.9, "max_grad_norm": 0.5}}
-        ds["train_micro_batch_size_per_gpu"] = 2
-        ds["gradient_accumulation_steps"] = 2
+def ours_sgd_on_stage_1(ds):
+    ds["zero_optimization"] = {"stage": 1}
+    ds["optimizer"] = {"type": "dist_optim.SGD", "params": {"lr": 0.05, "momentum": 0.9, "max_grad_norm": 0.5}}
+    ds["train_micro_batch_size_per_gpu"] = 2
+    ds["gradient_accumulation_steps"] = 2
 
+
+def deepspeeds_own_adamw_with_its_clipping(ds):
+    ds["optimizer"] = {"type": "AdamW", "params": {"lr": 0.002, "torch_adam": True}}
+    ds["gradient_clipping"] = 0.7
+
+
+@pytest.mark.parametrize(
+    "edit,ran_expected,cfg_expected",
+    [
+        (ours_sgd_on_stage_1,
+         {"zero_stage": 1, "optimizer": "dist_optim.SGD", "micro_batch_size": 2, "gradient_accumulation_steps": 2},
+         {"strategy": "zero1", "optimizer": "dist_optim.SGD", "batch_size": 2, "accum": 2, "max_grad_norm": 0.5, "lr": 0.05}),
+        (deepspeeds_own_adamw_with_its_clipping,
+         {"zero_stage": 3, "optimizer": "torch.AdamW", "gradient_clipping": 0.7, "micro_batch_size": 8},
+         {"strategy": "zero3", "optimizer": "AdamW", "lr": 0.002}),
+    ],
+    ids=["ours-sgd-stage1-batch2-accum2", "deepspeed-adamw-clip0.7"],
+)
+def test_editing_the_ds_config_changes_what_runs(tmp_path, edit, ran_expected, cfg_expected):
+    """Stage, optimizer (ours or DeepSpeed's), micro-batch, accumulation and clipping come from the
+    JSON the yaml points to; the JSON's lr is the schedule's base (warmup 1 step: full lr at step 2)."""
     out = tmp_path / "edited"
     cfg, ran, rows = trained(accelerate_launch(out, "--config_file", str(with_ds_config(tmp_path, "zero3.yaml", edit))), out)
-    assert (ran["zero_stage"], ran["optimizer"], ran["micro_batch_size"], ran["gradient_accumulation_steps"]) == (1, "SGD", 2, 2)
-    assert (cfg["strategy"], cfg["optimizer"], cfg["batch_size"], cfg["accum"], cfg["max_grad_norm"]) == (
-        "zero1", "dist_optim.SGD", 2, 2, 0.5)
-    assert rows[0]["lr"] == 0.05  # the JSON's lr is the schedule's base (warmup 1 step: full lr at step 2)
+    assert {k: ran[k] for k in ran_expected} == ran_expected
+    assert {k: cfg[k] for k in cfg_expected} == cfg_expected
+    assert rows[0]["lr"] == cfg_expected["lr"]
 
 
 def test_auto_in_the_ds_config_takes_the_flags(tmp_path):
