@@ -41,12 +41,13 @@ class _TensorSpec:
         return self._ptr
 
 
-def run(kernel, grid: tuple, device: torch.device, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` on ``device``."""
+def run(kernel, grid: tuple, device: torch.device, *args, compile_only: bool = False, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` on ``device``; with ``compile_only``, compile that
+    specialization and launch nothing (``JITFunction.warmup``; a no-op under the interpreter)."""
     for calls in _RECORDERS:
         calls.append((kernel, tuple(_abstract(a) for a in args), dict(kwargs)))
-    if device.type == "cuda":
-        with torch.cuda.device(device):
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        if compile_only:
+            kernel.warmup(*args, grid=grid, **kwargs)
+        else:
             kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)

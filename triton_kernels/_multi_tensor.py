@@ -126,10 +126,13 @@ def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], d
     return TABLES.get(roles, idx, device)
 
 
-def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence[float], **constexprs) -> None:
+def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence[float],
+           compile_only: bool = False, **constexprs) -> None:
     """Run an update kernel ``kernel[(chunks,)](P, G, *states, CHUNKS, *scalars, ...)`` once per
     bucket. ``states`` entries may be None (the kernel's switches say they are absent). Python
-    scalars go in as floats, so an int hyperparameter (``lr=1``) compiles no other specialization."""
+    scalars go in as floats, so an int hyperparameter (``lr=1``) compiles no other specialization.
+    ``compile_only``: compile what this call would launch and change nothing (warm-up before a run,
+    so no step compiles mid-training)."""
     check("grads", params, grads, fp32=False)
     for s in states:
         if s is not None:
@@ -138,7 +141,7 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
         ptrs, chunks, n = tables([params, grads, *states], idx, device)
         _launch.run(
-            kernel, (n,), device, *ptrs, chunks, *scalars,
+            kernel, (n,), device, *ptrs, chunks, *scalars, compile_only=compile_only,
             P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
             **constexprs,
         )

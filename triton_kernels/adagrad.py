@@ -36,8 +36,8 @@ def _adagrad_kernel(P, G, S, CHUNKS, clr, weight_decay, eps, grad_scale,
             _adagrad_block(p, g, s, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
 
 
-def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale) -> None:
+def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale, compile_only: bool = False) -> None:
     _multi_tensor.launch(
-        _adagrad_kernel, params, grads, [states["sum"]], [clr, weight_decay, eps, grad_scale],
+        _adagrad_kernel, params, grads, [states["sum"]], [clr, weight_decay, eps, grad_scale], compile_only,
         HAS_WD=weight_decay != 0.0,
     )

@@ -47,10 +47,10 @@ def _adam_kernel(P, G, M, V, VMAX, CHUNKS, lr, beta1, beta2, eps, weight_decay, 
 
 
 def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size,
-              bias_correction2_sqrt, grad_scale) -> None:
+              bias_correction2_sqrt, grad_scale, compile_only: bool = False) -> None:
     _multi_tensor.launch(
         _adam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["max_exp_avg_sq"] if amsgrad else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale],
+        [lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale], compile_only,
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), LERP_LOW=(1.0 - beta1) < 0.5,
     )

@@ -78,16 +78,16 @@ def _sync_kernel(P, G, SLOW, CHUNKS, alpha,
 
 
 def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,
-               lookahead_alpha, grad_scale) -> None:
+               lookahead_alpha, grad_scale, compile_only: bool = False) -> None:
     sync = lookahead_alpha is not None
     _multi_tensor.launch(
         _radam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["slow_buffer"] if sync else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if sync else 0.0, grad_scale],
+        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if sync else 0.0, grad_scale], compile_only,
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=bool(rectified), SYNC=sync,
         LERP_LOW=(1.0 - beta1) < 0.5,
     )
 
 
-def lookahead_sync(params, slow_buffers, *, alpha) -> None:
-    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha])
+def lookahead_sync(params, slow_buffers, *, alpha, compile_only: bool = False) -> None:
+    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha], compile_only)

@@ -53,11 +53,12 @@ def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, lr, alpha, eps, weight_decay, mome
                            grad_scale, P_DTYPE, HAS_WD, CENTERED, HAS_MOMENTUM, LERP_LOW)
 
 
-def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale) -> None:
+def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale,
+                 compile_only: bool = False) -> None:
     has_momentum = momentum > 0.0
     _multi_tensor.launch(
         _rmsprop_kernel, params, grads,
         [states["square_avg"], states["grad_avg"] if centered else None, states["momentum_buffer"] if has_momentum else None],
-        [lr, alpha, eps, weight_decay, momentum, grad_scale],
+        [lr, alpha, eps, weight_decay, momentum, grad_scale], compile_only,
         HAS_WD=weight_decay != 0.0, CENTERED=bool(centered), HAS_MOMENTUM=has_momentum, LERP_LOW=(1.0 - alpha) < 0.5,
     )

@@ -46,10 +46,11 @@ def _sgd_kernel(P, G, B, CHUNKS, lr, momentum, dampening, weight_decay, grad_sca
                        P_DTYPE, HAS_WD, HAS_MOMENTUM, FIRST, NESTEROV)
 
 
-def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale) -> None:
+def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale,
+             compile_only: bool = False) -> None:
     has_momentum = momentum != 0.0
     _multi_tensor.launch(
         _sgd_kernel, params, grads, [states["momentum_buffer"] if has_momentum else None],
-        [lr, momentum, dampening, weight_decay, grad_scale],
+        [lr, momentum, dampening, weight_decay, grad_scale], compile_only,
         HAS_WD=weight_decay != 0.0, HAS_MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
     )

@@ -321,3 +321,42 @@ def test_tables_are_built_once_per_storage(device):
     assert cache.builds == 2 and rebuilt[1].view(-1, 4)[:, 3].tolist() == [0, 0, 0, 0, 0]
     cache.get([params, grads, None], [0, 1], device)
     assert len(cache._tables) == 2  # bounded: the least recently used entry went
+
+
+def test_compile_only_launches_nothing_but_sees_the_specialization(device):
+    """compile_only=True (the warm-up before a run) compiles what the step would launch and
+    changes no tensor."""
+    from triton_kernels import _launch
+
+    params, grads, states = make(torch.float32, device, ["exp_avg", "exp_avg_sq", "slow_buffer"])
+    before = clone(params, grads, states)
+    with _launch.recording() as calls:
+        triton_kernels.radam_step(params, grads, states, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                  decoupled=False, rectified=True, step_size=0.1, lookahead_alpha=0.5, grad_scale=1.0,
+                                  compile_only=True)
+    assert len(calls) == 1 and calls[0][2]["SYNC"] and calls[0][2]["RECTIFIED"]
+    for a, b in zip(params + grads + [t for v in states.values() for t in v],
+                    before[0] + before[1] + [t for v in before[2].values() for t in v]):
+        assert torch.equal(a, b)
+
+
+def test_steady_state_launch_builds_no_table(device, monkeypatch):
+    """A second step over the same storage reuses the cached tables: no torch.tensor(list), no
+    host-to-device copy (the launch itself is stubbed: this counts host work only)."""
+    from triton_kernels import _launch, _multi_tensor
+
+    keys = ["exp_avg", "exp_avg_sq"]
+    params, grads, states = make(torch.float32, device, keys)
+    launches = []
+    monkeypatch.setattr(_launch, "run", lambda kernel, grid, dev, *a, **k: launches.append(grid))
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False,
+              step_size=0.01, bias_correction2_sqrt=1.0, grad_scale=1.0)
+    triton_kernels.adam_step(params, grads, states, **kw)
+    builds = _multi_tensor.TABLES.builds
+
+    def no_tables(*args, **kwargs):
+        raise AssertionError("a steady-state step built a table")
+
+    monkeypatch.setattr(torch, "tensor", no_tables)
+    triton_kernels.adam_step(params, grads, states, **kw)
+    assert _multi_tensor.TABLES.builds == builds and len(launches) == 2
