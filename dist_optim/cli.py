@@ -181,7 +181,8 @@ def launched_main(argv: list[str] | None = None) -> int:
             return 0
         cfg = _launched_config(args, env)
     except ValueError as err:
-        print(f"dist-optim: error: {err}", file=sys.stderr)
+        # One line, also for accelerate's own multi-line refusals.
+        print(f"dist-optim: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     if cfg.strategy != "single" and not dist.is_initialized():
         if cfg.device == "cuda":

@@ -22,29 +22,39 @@ _REFUSAL = (
 
 
 def accelerate_cpu_processes(env: Mapping[str, str], parent_cmdline: list[str] | None = None) -> int:
-    """How many processes an ``accelerate launch --cpu`` that started only this one was asked for;
-    1 when that is not the situation. accelerate sets MASTER_ADDR only when asked for more than one
-    process, so its presence without WORLD_SIZE is the sign."""
+    """How many processes the ``accelerate launch --cpu`` that started this one process was asked
+    for; 1 when no such launcher started it. accelerate sets MASTER_ADDR only when asked for more
+    than one process: with it, a command line that cannot be read is refused."""
     if not (
         env.get("ACCELERATE_USE_CPU", "").lower() == "true"
-        and "MASTER_ADDR" in env
         and "WORLD_SIZE" not in env
         and not any(k in env for k in _MPI_SIZES)
     ):
         return 1
+    several = "MASTER_ADDR" in env
     argv = parent_cmdline if parent_cmdline is not None else _parent_cmdline()
     if "launch" not in argv:
-        raise ValueError(_REFUSAL.format(why=f"its command line could not be read: {argv!r}"))
+        if several:
+            raise ValueError(_REFUSAL.format(why=f"its command line could not be read: {argv!r}"))
+        return 1
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
     try:
         args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv[argv.index("launch") + 1 :]))
     except (SystemExit, ValueError) as err:
+        if not several:
+            return 1
         raise ValueError(_REFUSAL.format(why=f"its arguments could not be read: {err}")) from None
-    count = args.num_processes or 1
+    if args.use_deepspeed or args.use_fsdp:
+        # accelerate's --cpu drops the config's DeepSpeed/FSDP without a word; training DDP instead
+        # would not be what the config says.
+        raise ValueError(
+            f"Invalid launch: accelerate launch --cpu ignores the config's {'DeepSpeed' if args.use_deepspeed else 'FSDP'} "
+            "settings; drop --cpu (without a GPU the ranks run on the CPU anyway)"
+        )
     if (args.num_machines or 1) > 1:
         raise ValueError(_REFUSAL.format(why=f"num_machines={args.num_machines}, which needs mpirun"))
-    return int(count)
+    return int(args.num_processes or 1)
 
 
 def _parent_cmdline() -> list[str]:

@@ -13,6 +13,8 @@ from dist_optim.train.accelerate_launch import accelerate_values
 from dist_optim.train.config import TrainConfig
 from dist_optim.train.cpu_ranks import accelerate_cpu_processes
 
+LAUNCH = Path(__file__).resolve().parents[2] / "launch"
+
 DS = {
     "train_micro_batch_size_per_gpu": 8,
     "gradient_accumulation_steps": 1,
@@ -101,3 +103,12 @@ def test_accelerate_cpu_process_count_is_read_from_its_command(env, cmdline, cou
 def test_an_unreadable_accelerate_command_is_refused_not_run_as_one_process():
     with pytest.raises(ValueError, match="accelerate launch --cpu started one process, though it was asked for several"):
         accelerate_cpu_processes(CPU_ENV, ["python", "my_own_launcher.py"])
+
+
+@pytest.mark.parametrize("config,ignored", [("zero2.yaml", "DeepSpeed"), ("fsdp2.yaml", "FSDP")])
+@pytest.mark.parametrize("several", [True, False])
+def test_cpu_flag_dropping_the_configs_deepspeed_or_fsdp_is_refused(config, ignored, several):
+    env = CPU_ENV if several else {k: v for k, v in CPU_ENV.items() if k != "MASTER_ADDR"}
+    cmdline = ["python", "/bin/accelerate", "launch", "--cpu", "--config_file", str(LAUNCH / "accelerate" / config), "train.py"]
+    with pytest.raises(ValueError, match=f"accelerate launch --cpu ignores the config's {ignored} settings"):
+        accelerate_cpu_processes(env, cmdline)
