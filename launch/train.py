@@ -9,7 +9,7 @@
 Under accelerate, its config decides: FSDP2 (prepared with accelerate's FSDP2 functions, its
 ``mixed_precision`` as FSDP2's MixedPrecisionPolicy), DDP (``Accelerator.prepare``, bf16 autocast),
 or DeepSpeed, where the yaml's ``deepspeed_config_file`` is the engine's config as written: ZeRO
-stage, optimizer, micro-batch size, accumulation, bf16/fp16 and clipping. A flag that contradicts
+stage, optimizer, micro-batch size, accumulation, bf16/fp16, clipping and lr scheduler. A flag that contradicts
 that file is refused; ``"auto"`` there takes the flag. Elsewhere the strategy is --strategy, else DDP
 for several ranks. What ran, read back from the engine, is in <out>/run.json and report.md.
 """

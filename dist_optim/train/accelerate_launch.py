@@ -4,7 +4,7 @@
 yaml's ``deepspeed_config_file`` is the authority (accelerate sets no ZeRO-stage variable then), so it
 is resolved with accelerate's own ``DeepSpeedPlugin`` (its merging of the file with the launcher's
 settings, its ``mixed_precision`` handling and its refusals) and then honoured as a whole: ZeRO
-stage, optimizer, micro-batch size, accumulation, bf16/fp16 and clipping. A command-line flag that
+stage, optimizer, micro-batch size, accumulation, bf16/fp16, clipping and lr scheduler. A command-line flag that
 contradicts the file is refused rather than silently overridden; ``"auto"`` in the file takes the
 flag (or the default), as it does under accelerate.
 """
@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import MIXED_PRECISION, TrainConfig
+from .config import DS_SCHEDULE, MIXED_PRECISION, TrainConfig
 
 # Values TrainConfig would use for a flag the user did not give.
 _DEFAULTS = {f: getattr(TrainConfig, f) for f in ("batch_size", "accum")}
@@ -104,10 +104,13 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
                     "set its parameters there)"
                 )
     if "scheduler" in config:
-        raise ValueError(
-            f"Invalid scheduler: {where} has a 'scheduler' section, but launch/train.py schedules the lr "
-            "itself (--schedule, --warmup); remove the section"
-        )
+        for flag in ("schedule", "warmup"):
+            if flag in values:
+                raise ValueError(
+                    f"Invalid {flag}: {values[flag]!r} ({where} has a scheduler section, which sets the lr; "
+                    "drop the flag or the section)"
+                )
+        values.update(schedule=DS_SCHEDULE, warmup=0)  # the engine steps the file's scheduler
 
     for key, flag in (("train_micro_batch_size_per_gpu", "batch_size"), ("gradient_accumulation_steps", "accum")):
         written = config.get(key, "auto")

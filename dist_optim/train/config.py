@@ -15,6 +15,8 @@ from ..registry import names as optimizer_names
 STRATEGIES = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
 LAUNCHERS = ("dist-optim", "accelerate", "external")
+# schedule when the ds_config's "scheduler" section sets the lr (DeepSpeed steps it in engine.step()).
+DS_SCHEDULE = "ds_config"
 # Warmup steps when none are given: this many, but at most a tenth of a short run.
 DEFAULT_WARMUP = 20
 # Learning rates that train the default char-LM well, per optimizer family.
@@ -70,7 +72,11 @@ class TrainConfig:
                 f"Invalid mixed_precision: 'fp16' with strategy {self.strategy!r} (fp16 needs loss scaling, which "
                 "only the DeepSpeed strategies run here; use bf16)"
             )
-        _checks.one_of("schedule", self.schedule, DECAYS)
+        if self.schedule == DS_SCHEDULE:
+            if self.ds_config is None or "scheduler" not in self.ds_config:
+                raise ValueError(f"Invalid schedule: {DS_SCHEDULE!r} (no ds_config with a scheduler section)")
+        else:
+            _checks.one_of("schedule", self.schedule, DECAYS)
         _checks.one_of("device", self.device, ("cpu", "cuda"))
         for name in ("nproc", "steps", "accum", "batch_size", "context", "dim", "layers", "heads", "data_bytes",
                      "log_every", "eval_every", "ckpt_every"):

@@ -46,6 +46,7 @@ class DeepSpeedRunner:
             gradient_clipping=engine.gradient_clipping(),
             optimizer=optimizer_label(self.optimizer),
             final_lr=self.optimizer.param_groups[0]["lr"],
+            lr_scheduler=type(engine.lr_scheduler).__name__ if engine.lr_scheduler is not None else None,
         )
 
     def train_step(self, window) -> tuple[float, bool]:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from ..distributed.checkpoint import checkpoint_extra, latest_checkpoint
 from ..distributed.collectives import global_mean
 from ..optim.schedules import warmup_schedule
-from .config import TrainConfig
+from .config import DS_SCHEDULE, TrainConfig
 from .data import VOCAB, Corpus, batch
 from .model import TinyGPT
 from .report import write_plot, write_report
@@ -28,7 +28,17 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
+class _EngineSchedules:
+    """The loop's scheduler when the ds_config's scheduler sets the lr: DeepSpeed steps that one
+    inside engine.step(), and its state travels in the engine's checkpoints."""
+
+    def step(self) -> None:
+        pass
+
+
 def _schedule(cfg: TrainConfig, optimizer):
+    if cfg.schedule == DS_SCHEDULE:
+        return _EngineSchedules()
     return warmup_schedule(
         optimizer, total_steps=cfg.steps, warmup_steps=cfg.warmup, decay=cfg.schedule,
         step_size=max(1, cfg.steps // 3), cycle_steps=max(2, cfg.steps // 4), min_lr_ratio=0.1,

@@ -63,7 +63,8 @@ def test_without_a_config_file_the_launchers_stage_applies(tmp_path):
         ({}, {"strategy": "zero2"}, "Invalid strategy: 'zero2'"),
         ({}, {"mixed_precision": "bf16"}, "Invalid mixed_precision: 'bf16' (accelerate was launched with mixed_precision 'no'"),
         ({"zero_optimization": {"stage": 0}}, {}, "Invalid zero_optimization.stage: 0"),
-        ({"scheduler": {"type": "WarmupLR", "params": {}}}, {}, "Invalid scheduler:"),
+        ({"scheduler": {"type": "WarmupLR", "params": {}}}, {"warmup": 3}, "Invalid warmup: 3 (the DeepSpeed config"),
+        ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, {}, "Invalid scheduler.params.warmup_num_steps: 'auto'"),
         ({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}}, {}, "Invalid zero_optimization.reduce_bucket_size: 'auto'"),
     ],
 )
@@ -71,6 +72,12 @@ def test_what_cannot_be_honoured_is_refused_naming_the_setting(tmp_path, change,
     with pytest.raises(ValueError) as err:
         accelerate_values(env_for(tmp_path, {**DS, **change}), given, world=2)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_ds_config_scheduler_sets_the_lr_instead_of_the_jobs_schedule(tmp_path):
+    ds = {**DS, "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.01, "warmup_num_steps": 4}}}
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), {}, world=2), nproc=2)
+    assert (cfg.schedule, cfg.warmup, cfg.ds_config["scheduler"]["type"]) == ("ds_config", 0, "WarmupLR")
 
 
 def test_a_missing_ds_config_file_is_refused(tmp_path):

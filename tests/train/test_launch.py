@@ -102,6 +102,19 @@ def test_editing_the_ds_config_changes_what_runs(tmp_path, edit, ran_expected, c
     assert rows[0]["lr"] == cfg_expected["lr"]
 
 
+def test_a_ds_config_scheduler_drives_the_lr(tmp_path):
+    """DeepSpeed's WarmupLR from the JSON sets the lr (the job's own schedule steps aside)."""
+    def edit(ds):
+        ds["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01,
+                                                          "warmup_num_steps": 6, "warmup_type": "linear"}}
+
+    out = tmp_path / "sched"
+    cfg, ran, rows = trained(accelerate_launch(out, "--config_file", str(with_ds_config(tmp_path, "zero2.yaml", edit))), out)
+    lrs = [r["lr"] for r in rows]  # logged at steps 2, 4, 6, 8, 10
+    assert (cfg["schedule"], ran["lr_scheduler"]) == ("ds_config", "WarmupLR")
+    assert lrs[0] < lrs[1] < lrs[2] <= 0.01 and lrs[3] == lrs[4] == 0.01
+
+
 def test_auto_in_the_ds_config_takes_the_flags(tmp_path):
     def edit(ds):
         ds["train_micro_batch_size_per_gpu"] = "auto"
