@@ -6,10 +6,11 @@ the gradient's and direction's max-norms — goes into one SUM all-reduce of a s
 sums directly, maxima in per-rank slots (each rank fills its own; the others stay 0, and the
 values are >= 0) from which the max is taken after the reduction.
 
-Who counts what: DTensor shards (FSDP2) and FSDP1's flat shards are disjoint pieces of the
-vectors, so their dot products add up over ranks; plain replicated params (DDP, or one process)
-hold the same values on every rank, so only the group's first rank contributes their dot
-products. The loss is every rank's own and is averaged.
+Who counts what: DTensor shards (FSDP2) follow their placements as the grad statistics do (a
+copy replicated along a mesh dim, HSDP's replicas or a TP-replicated norm, counts once), and
+FSDP1's flat shards are disjoint pieces, so their dot products add up over ranks; plain replicated
+params (DDP, or one process) hold the same values on every rank, so only the group's first rank
+contributes their dot products. The loss is every rank's own and is averaged.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .collectives import active, device_for
-from .grad_stats import mesh_group
-from .shard import is_dtensor
+from .grad_stats import GradLayout, mesh_group
+from .shard import is_dtensor, local_tensor
 
 
 def lbfgs_group(params: Sequence[torch.Tensor], explicit: Any) -> Any:
@@ -36,8 +37,22 @@ def lbfgs_group(params: Sequence[torch.Tensor], explicit: Any) -> Any:
     return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
 
 
-def is_sharded(param: torch.Tensor) -> bool:
-    return is_dtensor(param) or getattr(param, "_fsdp_flattened", False)
+def counted_first(params: Sequence[torch.Tensor], group: Any) -> tuple[list[torch.Tensor], int]:
+    """``params`` with those whose local elements this rank counts in the sums first, and how many
+    elements they hold: every rank's piece is then counted exactly once over the group."""
+    ranks = frozenset(dist.get_process_group_ranks(group)) if active(group) else None
+    layout = GradLayout()
+
+    def here(p: torch.Tensor) -> bool:
+        if ranks is None or getattr(p, "_fsdp_flattened", False):
+            return True
+        if is_dtensor(p):
+            return layout.counted_here(p, False, ranks)
+        return dist.get_rank() == min(ranks)
+
+    counted = [p for p in params if here(p)]
+    rest = [p for p in params if not here(p)]
+    return counted + rest, sum(local_tensor(p).numel() for p in counted)
 
 
 class Reducer:

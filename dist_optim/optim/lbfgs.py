@@ -11,7 +11,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import _checks
-from ..distributed.lbfgs_comm import Reducer, is_sharded, lbfgs_group
+from ..distributed.lbfgs_comm import Reducer, counted_first, lbfgs_group
 from ..distributed.shard import local_tensor
 from ..functional.lbfgs import combine, history_dots, strong_wolfe, two_loop
 
@@ -96,12 +96,9 @@ class LBFGS(Optimizer):
         for p in self._params:
             if getattr(p, "ds_id", None) is not None or hasattr(p, "ds_tensor"):
                 raise ValueError("LBFGS cannot run under DeepSpeed ZeRO: the engine's step() takes no closure")
-        # Sharded params first: their elements count on every rank, the replicated tail on one.
-        self._ordered = [p for p in self._params if is_sharded(p)] + [p for p in self._params if not is_sharded(p)]
+        # The params whose elements this rank counts in the inner products first, the rest after.
         self._reduce = Reducer(lbfgs_group(self._params, process_group))
-        sharded = sum(local_tensor(p).numel() for p in self._ordered if is_sharded(p))
-        total = sum(local_tensor(p).numel() for p in self._ordered)
-        self._counted = total if self._reduce.rank == 0 else sharded
+        self._ordered, self._counted = counted_first(self._params, self._reduce.group)
         # fp32 history, or fp64 for fp64 params (fp32 would lose what they carry).
         self._dtype = torch.float64 if any(p.dtype == torch.float64 for p in self._params) else torch.float32
 

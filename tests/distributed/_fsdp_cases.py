@@ -37,12 +37,17 @@ def loss_fn(net, x, y):
     return torch.nn.functional.mse_loss(net(x), y)
 
 
-def sharded_model(seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def sharded_model(seed: int = 0, dtype: torch.dtype = torch.float32, hsdp: bool = False) -> nn.Module:
+    """FSDP2 over the world, or HSDP (2 replicas of a half-world shard group) with ``hsdp``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     net = model(seed).to(dtype)  # before fully_shard, which fixes the dtype it computes in
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if hsdp:
+        mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    else:
+        mesh = init_device_mesh("cpu", (world,))
     fully_shard(net[0], mesh=mesh)
     fully_shard(net, mesh=mesh)
     return net
@@ -218,10 +223,10 @@ def lbfgs_reference(steps: int, world: int, **kw):
     return [p.detach() for p in net.parameters()], losses, opt.state[opt._params[0]]["func_evals"]
 
 
-def run_lbfgs(steps: int, resume_after: int | None = None, **kw):
-    """dist_optim.LBFGS under FSDP2 (fp64) on this rank's slice; counts every all-reduce issued."""
+def run_lbfgs(steps: int, resume_after: int | None = None, hsdp: bool = False, **kw):
+    """dist_optim.LBFGS under FSDP2 or HSDP (fp64) on this rank's slice; counts every all-reduce issued."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    net = sharded_model(dtype=torch.float64)
+    net = sharded_model(dtype=torch.float64, hsdp=hsdp)
     opt = dist_optim.LBFGS(net.parameters(), **kw)
     x, y = global_batch(0, world)
     x, y = rank_slice(x.double(), rank, world), rank_slice(y.double(), rank, world)

@@ -119,3 +119,19 @@ def test_nan_on_one_rank_is_skipped_on_every_rank(world, layout, param):
     results = world.run(cases.run_nan_on_the_last_rank, layout, "AdamW", param)
     for skipped, same_params, same_state in results:
         assert skipped == 1 and same_params and same_state
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_lbfgs_under_hsdp_counts_each_replica_once_and_equals_one_process(world, line_search_fn):
+    """L-BFGS's inner products follow the placements as the grad statistics do: the two HSDP
+    replicas of a shard count once. fp64, rtol 1e-8 as in test_lbfgs_fsdp.py."""
+    from tests.distributed import _fsdp_cases
+
+    kw = dict(lr=1, max_iter=4, history_size=3, line_search_fn=line_search_fn)
+    results = world.run(_fsdp_cases.run_lbfgs, 3, hsdp=True, **kw)
+    ref_params, ref_losses, ref_evals = _fsdp_cases.lbfgs_reference(3, WORLD, **kw)
+    for params, losses, evals, _ in results:  # (HSDP's own replica all-reduces run inside backward)
+        for a, b in zip(params, ref_params):
+            torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+        assert losses == pytest.approx(ref_losses, rel=1e-8)
+        assert evals == ref_evals
