@@ -32,19 +32,14 @@ def lerp_coeffs(weight: float) -> tuple[float, float, bool]:
 
 def accepts(params: Tensors, grads: Tensors | None = None, states: Mapping[str, Tensors] | None = None) -> bool:
     """Whether these tensors are for the CPU kernels: on the CPU, params and grads fp32/bf16/fp16,
-    states fp32, matching sizes."""
-    for i, p in enumerate(params):
-        if p.device.type != "cpu" or p.dtype not in DTYPES:
-            return False
-        if grads is not None:
-            g = grads[i]
-            if g.device.type != "cpu" or g.dtype not in DTYPES or g.numel() != p.numel():
-                return False
-    for ts in (states or {}).values():
-        for p, s in zip(params, ts):
-            if s.device.type != "cpu" or s.dtype != torch.float32 or s.numel() != p.numel():
-                return False
-    return True
+    states fp32. (Sizes are checked by the launcher, which reads them anyway.)"""
+    ok = DTYPES.__contains__
+    if not all(t.is_cpu and ok(t.dtype) for t in params):
+        return False
+    if grads is not None and not all(t.is_cpu and ok(t.dtype) for t in grads):
+        return False
+    f32 = torch.float32
+    return all(t.is_cpu and t.dtype == f32 for ts in (states or {}).values() for t in ts)
 
 
 class _Contiguous:
@@ -77,8 +72,12 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
     fl = (ctypes.c_int * max(1, len(flags)))(*[int(f) for f in flags])
     nthreads = max(1, torch.get_num_threads())
     buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    sizes = [p.numel() for p in params]
+    for role in ([grads] if grads is not None else []) + [ts for ts in states if ts is not None]:
+        if len(role) != len(params) or any(t.numel() != n for t, n in zip(role, sizes)):
+            raise ValueError("cpu_kernels: every grad and state tensor must match its param's size")
     for i, p in enumerate(params):
-        if p.numel() > 0:
+        if sizes[i] > 0:
             g = p if grads is None else grads[i]
             buckets[(DTYPES[p.dtype], DTYPES[g.dtype])].append(i)
     fix = _Contiguous()
@@ -87,7 +86,7 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
         gs = ps if grads is None else [fix(grads[i], False) for i in idx]
         ss = [None if ts is None else fix(ts[i], True) for ts in states for i in idx]
         n = len(idx)
-        numel = (ctypes.c_int64 * n)(*[p.numel() for p in ps])
+        numel = (ctypes.c_int64 * n)(*[sizes[i] for i in idx])
         rc = lib.dist_optim_step(family, pd, gd, n, numel, _ptrs(ps), _ptrs(gs), _ptrs(ss) if ss else None,
                                  len(states), sc, fl, nthreads)
         if rc != 0:
