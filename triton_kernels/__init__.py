@@ -1,7 +1,18 @@
 """Fused Triton optimizer kernels: each family's whole step in one pass over memory, over many
-tensors per launch through pointer tables. Thin launchers take tensors and Python scalars; they know
-nothing of optimizers, param groups or torch.distributed. Importable without triton (``supports``
-then says no)."""
+tensors per launch through pointer tables (cached per set of storages). Thin launchers take
+tensors and scalars; they know nothing of optimizers, param groups or torch.distributed.
+Importable without triton (``supports`` then says no).
+
+The update launchers (``sgd_step`` ... ``lookahead_sync``) also take, optionally:
+- per-step values (lr, step_size, bias corrections, grad_scale, clr) as one-element fp32 tensors on
+  the params' device instead of floats: the kernel reads them there (no host sync, no recompile);
+  values that pick a kernel variant (weight_decay != 0, momentum > 0, betas) stay floats;
+- ``skip``: a one-element device tensor; nonzero makes the launch change nothing;
+- ``compile_only=True``: compile what the call would launch, change nothing (warm-up).
+
+Full chunks of 16-byte-aligned tensors run unmasked with 128-bit accesses, tails and unaligned
+tensors masked; ``_aot`` checks the machine code of every specialization (tests/kernels/test_aot.py,
+benchmarks/aot_audit.py)."""
 
 from ._support import supports
 

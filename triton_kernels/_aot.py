@@ -110,10 +110,17 @@ def describe(spec: dict) -> str:
             continue
         if isinstance(value, dict):
             parts.append(value["__dtype__"])
+        elif name == "HAS_SKIP":
+            continue
         elif value is True:
             parts.append(name)
         elif value is not False:
             parts.append(f"{name}={value}")
+    device_values = [n for n, t in spec["signature"].items() if t.startswith("*") and n.islower()]
+    if device_values:  # hyperparameters read from device tensors, and a skip flag
+        parts.append("device:" + "+".join(device_values))
+    if any(names[path[0]] == "HAS_SKIP" and value is True for path, value in spec["constexprs"]):
+        parts.append("SKIP")
     return f"{spec['kernel'].split(':')[1]}[{','.join(parts)}]"
 
 

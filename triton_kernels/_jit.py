@@ -28,10 +28,29 @@ ALIGN: tl.constexpr = tl.constexpr(16)  # bytes; _multi_tensor.ALIGN decides whi
 
 
 @triton.jit
-def chunk_of(CHUNKS):
-    """(tensor index, first element, end element, fast) of this program's chunk, all int64."""
+def chunk_of(CHUNKS, SKIP, HAS_SKIP: tl.constexpr):
+    """(tensor index, first element, end element, fast) of this program's chunk, all int64. When
+    the device flag SKIP is set (a step decided on the device to be skipped), the chunk is empty:
+    every access is masked off and nothing changes."""
     row = CHUNKS + tl.program_id(0).to(tl.int64) * 4
-    return tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3) != 0
+    t, start, end, fast = tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3) != 0
+    if HAS_SKIP:
+        skip = tl.load(SKIP) != 0
+        end = tl.where(skip, start, end)
+        fast = fast & ~skip
+    return t, start, end, fast
+
+
+@triton.jit
+def scalar(x):
+    """A hyperparameter passed as a float, or as a pointer to a one-element fp32 device tensor
+    (a value that changes per step without a host sync or a recompile: lr, bias corrections, the
+    clip scale)."""
+    x = tl.to_tensor(x)
+    if x.dtype.is_ptr():
+        return tl.load(x).to(tl.float32)
+    else:
+        return x
 
 
 @triton.jit

@@ -126,22 +126,45 @@ def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], d
     return TABLES.get(roles, idx, device)
 
 
-def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence[float],
-           compile_only: bool = False, **constexprs) -> None:
-    """Run an update kernel ``kernel[(chunks,)](P, G, *states, CHUNKS, *scalars, ...)`` once per
-    bucket. ``states`` entries may be None (the kernel's switches say they are absent). Python
-    scalars go in as floats, so an int hyperparameter (``lr=1``) compiles no other specialization.
-    ``compile_only``: compile what this call would launch and change nothing (warm-up before a run,
-    so no step compiles mid-training)."""
+def device_scalar(name: str, value, device: torch.device):
+    """A hyperparameter as the kernels take it: a Python number as a float (so ``lr=1`` compiles no
+    other specialization than ``lr=0.5``), or a one-element fp32 tensor on the params' device, which
+    the kernel reads there (no host sync; a new value needs no new launch arguments)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype != torch.float32 or value.device != device:
+            raise ValueError(f"{name} must be a float or a one-element fp32 tensor on {device}; got "
+                             f"{value.dtype} {tuple(value.shape)} on {value.device}")
+        return value
+    return float(value)
+
+
+def skip_flag(skip, device: torch.device):
+    """(pointer argument, HAS_SKIP) for an optional one-element device flag: nonzero skips the step."""
+    if skip is None:
+        return None, False
+    if not isinstance(skip, torch.Tensor) or skip.numel() != 1 or skip.device != device:
+        raise ValueError(f"skip must be a one-element tensor on {device}")
+    return skip, True
+
+
+def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence,
+           compile_only: bool = False, skip: torch.Tensor | None = None, **constexprs) -> None:
+    """Run an update kernel ``kernel[(chunks,)](P, G, *states, CHUNKS, SKIP, *scalars, ...)`` once per
+    bucket. ``states`` entries may be None (the kernel's switches say they are absent). Scalars are
+    floats or one-element fp32 device tensors (``device_scalar``). ``skip``: a one-element device
+    tensor; where it is nonzero the kernel changes nothing (a step skipped on the device, e.g. on a
+    non-finite gradient, without a host sync). ``compile_only``: compile what this call would launch
+    and change nothing (warm-up before a run, so no step compiles mid-training)."""
     check("grads", params, grads, fp32=False)
     for s in states:
         if s is not None:
             check("state", params, s, fp32=True)
-    scalars = [float(s) if isinstance(s, (int, float)) else s for s in scalars]
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
         ptrs, chunks, n = tables([params, grads, *states], idx, device)
+        values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
+        flag, has_skip = skip_flag(skip, device)
         _launch.run(
-            kernel, (n,), device, *ptrs, chunks, *scalars, compile_only=compile_only,
+            kernel, (n,), device, *ptrs, chunks, chunks if flag is None else flag, *values, compile_only=compile_only,
             P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            **constexprs,
+            HAS_SKIP=has_skip, **constexprs,
         )

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad
+from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad, scalar
 
 
 @triton.jit
@@ -20,10 +20,14 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, clr, weight_decay, eps, grad
 
 
 @triton.jit
-def _adagrad_kernel(P, G, S, CHUNKS, clr, weight_decay, eps, grad_scale,
+def _adagrad_kernel(P, G, S, CHUNKS, SKIP, clr, weight_decay, eps, grad_scale,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_WD: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+                    HAS_WD: tl.constexpr, HAS_SKIP: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    clr = scalar(clr)
+    weight_decay = scalar(weight_decay)
+    eps = scalar(eps)
+    grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         s = aligned_base(S, t, start, tl.float32)
@@ -36,8 +40,9 @@ def _adagrad_kernel(P, G, S, CHUNKS, clr, weight_decay, eps, grad_scale,
             _adagrad_block(p, g, s, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
 
 
-def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale, compile_only: bool = False) -> None:
+def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale, compile_only: bool = False,
+                 skip=None) -> None:
     _multi_tensor.launch(
-        _adagrad_kernel, params, grads, [states["sum"]], [clr, weight_decay, eps, grad_scale], compile_only,
+        _adagrad_kernel, params, grads, [states["sum"]], [clr, weight_decay, eps, grad_scale], compile_only, skip,
         HAS_WD=weight_decay != 0.0,
     )

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, moments
+from ._jit import aligned_base, chunk_base, chunk_of, moments, scalar
 
 
 @triton.jit
@@ -24,11 +24,20 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, lr, beta1, bet
 
 
 @triton.jit
-def _adam_kernel(P, G, M, V, VMAX, CHUNKS, lr, beta1, beta2, eps, weight_decay, step_size,
+def _adam_kernel(P, G, M, V, VMAX, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
                  bias_correction2_sqrt, grad_scale,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+                 HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr,
+                 HAS_SKIP: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    lr = scalar(lr)
+    beta1 = scalar(beta1)
+    beta2 = scalar(beta2)
+    eps = scalar(eps)
+    weight_decay = scalar(weight_decay)
+    step_size = scalar(step_size)
+    bias_correction2_sqrt = scalar(bias_correction2_sqrt)
+    grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
@@ -47,10 +56,10 @@ def _adam_kernel(P, G, M, V, VMAX, CHUNKS, lr, beta1, beta2, eps, weight_decay, 
 
 
 def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size,
-              bias_correction2_sqrt, grad_scale, compile_only: bool = False) -> None:
+              bias_correction2_sqrt, grad_scale, compile_only: bool = False, skip=None) -> None:
     _multi_tensor.launch(
         _adam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["max_exp_avg_sq"] if amsgrad else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale], compile_only,
+        [lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale], compile_only, skip,
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), LERP_LOW=(1.0 - beta1) < 0.5,
     )

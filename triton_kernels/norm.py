@@ -20,7 +20,7 @@ def _sumsq_block(g, acc, bad):
 
 @triton.jit
 def _sumsq_kernel(G, OUT_SQ, OUT_BAD, CHUNKS, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+    t, start, end, fast = chunk_of(CHUNKS, CHUNKS, False)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     bad = tl.zeros([BLOCK], dtype=tl.int32)
     if fast:

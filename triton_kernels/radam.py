@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, moments
+from ._jit import aligned_base, chunk_base, chunk_of, moments, scalar
 
 
 @triton.jit
@@ -29,12 +29,20 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, offs, mask, lr, beta1, be
 
 
 @triton.jit
-def _radam_kernel(P, G, M, V, SLOW, CHUNKS, lr, beta1, beta2, eps, weight_decay, step_size,
+def _radam_kernel(P, G, M, V, SLOW, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
                   lookahead_alpha, grad_scale,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
-                  LERP_LOW: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+                  LERP_LOW: tl.constexpr, HAS_SKIP: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    lr = scalar(lr)
+    beta1 = scalar(beta1)
+    beta2 = scalar(beta2)
+    eps = scalar(eps)
+    weight_decay = scalar(weight_decay)
+    step_size = scalar(step_size)
+    lookahead_alpha = scalar(lookahead_alpha)
+    grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
@@ -62,10 +70,12 @@ def _sync_block(p_ptr, slow_ptr, offs, mask, alpha, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _sync_kernel(P, G, SLOW, CHUNKS, alpha,
-                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _sync_kernel(P, G, SLOW, CHUNKS, SKIP, alpha,
+                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+                 HAS_SKIP: tl.constexpr):
     # G is the launcher's grad role, unused: the sync reads no gradient.
-    t, start, end, fast = chunk_of(CHUNKS)
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    alpha = scalar(alpha)
     if fast:
         p, slow = aligned_base(P, t, start, P_DTYPE), aligned_base(SLOW, t, start, tl.float32)
         for off in range(0, CHUNK, BLOCK):
@@ -78,16 +88,16 @@ def _sync_kernel(P, G, SLOW, CHUNKS, alpha,
 
 
 def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,
-               lookahead_alpha, grad_scale, compile_only: bool = False) -> None:
+               lookahead_alpha, grad_scale, compile_only: bool = False, skip=None) -> None:
     sync = lookahead_alpha is not None
     _multi_tensor.launch(
         _radam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["slow_buffer"] if sync else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if sync else 0.0, grad_scale], compile_only,
+        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if sync else 0.0, grad_scale], compile_only, skip,
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=bool(rectified), SYNC=sync,
         LERP_LOW=(1.0 - beta1) < 0.5,
     )
 
 
-def lookahead_sync(params, slow_buffers, *, alpha, compile_only: bool = False) -> None:
-    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha], compile_only)
+def lookahead_sync(params, slow_buffers, *, alpha, compile_only: bool = False, skip=None) -> None:
+    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha], compile_only, skip)

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, lerp, load_param_and_grad
+from ._jit import aligned_base, chunk_base, chunk_of, lerp, load_param_and_grad, scalar
 
 
 @triton.jit
@@ -32,10 +32,17 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, ga_ptr, mb_ptr, offs, mask, lr, alpha, 
 
 
 @triton.jit
-def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, lr, alpha, eps, weight_decay, momentum, grad_scale,
+def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, SKIP, lr, alpha, eps, weight_decay, momentum, grad_scale,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+                    HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr,
+                    HAS_SKIP: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    lr = scalar(lr)
+    alpha = scalar(alpha)
+    eps = scalar(eps)
+    weight_decay = scalar(weight_decay)
+    momentum = scalar(momentum)
+    grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         sq, ga = aligned_base(SQ, t, start, tl.float32), aligned_base(GA, t, start, tl.float32)
@@ -54,11 +61,11 @@ def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, lr, alpha, eps, weight_decay, mome
 
 
 def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale,
-                 compile_only: bool = False) -> None:
+                 compile_only: bool = False, skip=None) -> None:
     has_momentum = momentum > 0.0
     _multi_tensor.launch(
         _rmsprop_kernel, params, grads,
         [states["square_avg"], states["grad_avg"] if centered else None, states["momentum_buffer"] if has_momentum else None],
-        [lr, alpha, eps, weight_decay, momentum, grad_scale], compile_only,
+        [lr, alpha, eps, weight_decay, momentum, grad_scale], compile_only, skip,
         HAS_WD=weight_decay != 0.0, CENTERED=bool(centered), HAS_MOMENTUM=has_momentum, LERP_LOW=(1.0 - alpha) < 0.5,
     )

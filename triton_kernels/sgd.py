@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad
+from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad, scalar
 
 
 @triton.jit
@@ -28,10 +28,16 @@ def _sgd_block(p_ptr, g_ptr, b_ptr, offs, mask, lr, momentum, dampening, weight_
 
 
 @triton.jit
-def _sgd_kernel(P, G, B, CHUNKS, lr, momentum, dampening, weight_decay, grad_scale,
+def _sgd_kernel(P, G, B, CHUNKS, SKIP, lr, momentum, dampening, weight_decay, grad_scale,
                 P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr):
-    t, start, end, fast = chunk_of(CHUNKS)
+                HAS_WD: tl.constexpr, HAS_MOMENTUM: tl.constexpr, FIRST: tl.constexpr, NESTEROV: tl.constexpr,
+                HAS_SKIP: tl.constexpr):
+    t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    lr = scalar(lr)
+    momentum = scalar(momentum)
+    dampening = scalar(dampening)
+    weight_decay = scalar(weight_decay)
+    grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         b = aligned_base(B, t, start, tl.float32)
@@ -47,10 +53,10 @@ def _sgd_kernel(P, G, B, CHUNKS, lr, momentum, dampening, weight_decay, grad_sca
 
 
 def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale,
-             compile_only: bool = False) -> None:
+             compile_only: bool = False, skip=None) -> None:
     has_momentum = momentum != 0.0
     _multi_tensor.launch(
         _sgd_kernel, params, grads, [states["momentum_buffer"] if has_momentum else None],
-        [lr, momentum, dampening, weight_decay, grad_scale], compile_only,
+        [lr, momentum, dampening, weight_decay, grad_scale], compile_only, skip,
         HAS_WD=weight_decay != 0.0, HAS_MOMENTUM=has_momentum, FIRST=bool(first_step), NESTEROV=bool(nesterov),
     )

@@ -12,7 +12,7 @@ on a value that can be large (program index, parameter, loaded value); an update
 128-bit global loads and stores (the sum-of-squares kernel reads only: 128-bit loads).
 
 ``RUNS`` sets every switch of every kernel at fp32 params, and runs each optimizer's default at
-bf16 and fp16 params. Specs are deduplicated; nothing is cached between runs (a temporary Triton
+bf16 and fp16 params; ``run_sync_free_launches`` adds the launchers' device-scalar / skip-flag form. Specs are deduplicated; nothing is cached between runs (a temporary Triton
 cache), two compile workers.
 """
 
@@ -93,14 +93,29 @@ def run_optimizers(device: torch.device) -> None:
                     opt.step()
 
 
+def run_sync_free_launches(device: torch.device) -> None:
+    """The launchers' sync-free form (per-step values as device tensors, a device skip flag), which
+    the optimizers do not use yet: Adam at fp32 and bf16 params."""
+    for dtype in (torch.float32, torch.bfloat16):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
+        grads = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
+        states = {k: [torch.zeros(300, device=device)] for k in ("exp_avg", "exp_avg_sq")}
+        one = torch.ones(1, device=device)
+        triton_kernels.adam_step(params, grads, states, lr=one * 1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                 decoupled=True, amsgrad=False, step_size=one * 1e-3, bias_correction2_sqrt=one,
+                                 grad_scale=one, skip=torch.zeros(1, dtype=torch.int32, device=device))
+
+
 @functools.lru_cache(maxsize=1)
 def recorded_specs() -> tuple:
-    """The deduplicated compile specs of every launch RUNS makes."""
+    """The deduplicated compile specs of every launch RUNS makes, and of the sync-free launches."""
     from triton_kernels import _aot, _launch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with _launch.recording() as calls:
         run_optimizers(device)
+        run_sync_free_launches(device)
     return tuple(_aot.specs(calls))
 
 

@@ -360,3 +360,50 @@ def test_steady_state_launch_builds_no_table(device, monkeypatch):
     monkeypatch.setattr(torch, "tensor", no_tables)
     triton_kernels.adam_step(params, grads, states, **kw)
     assert _multi_tensor.TABLES.builds == builds and len(launches) == 2
+
+
+ADAM_KW = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=True,
+               step_size=0.013, bias_correction2_sqrt=0.3, grad_scale=0.7)
+PER_STEP = ("lr", "step_size", "bias_correction2_sqrt", "grad_scale")  # the values a sync-free step keeps on the device
+
+
+def _states_equal(a, b):
+    for x, y in zip(a[0] + [t for v in a[2].values() for t in v], b[0] + [t for v in b[2].values() for t in v]):
+        assert torch.equal(x, y)
+
+
+def test_per_step_values_as_device_tensors_give_the_same_bits(device):
+    keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    floats = make(torch.float32, device, keys)
+    tensors = clone(*floats)
+    triton_kernels.adam_step(*floats, **ADAM_KW)
+    kw = {k: torch.tensor([v], dtype=torch.float32, device=device) if k in PER_STEP else v for k, v in ADAM_KW.items()}
+    triton_kernels.adam_step(*tensors, **kw)
+    _states_equal(floats, tensors)
+    with pytest.raises(ValueError, match="one-element fp32 tensor"):
+        triton_kernels.adam_step(*tensors, **dict(kw, lr=torch.tensor([0.1, 0.2], device=device)))
+
+
+@pytest.mark.parametrize("family", ["adam", "ranger-sync", "lookahead"])
+def test_a_set_skip_flag_changes_nothing(device, family):
+    keys = FAMILIES[family][0]
+    data = make(torch.bfloat16, device, keys)
+    before = clone(*data)
+    skip = torch.ones(1, dtype=torch.int32, device=device)
+    if family == "adam":
+        triton_kernels.adam_step(*data, **ADAM_KW, skip=skip)
+    elif family == "ranger-sync":
+        triton_kernels.radam_step(*data, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-5, weight_decay=0.1, decoupled=True,
+                                  rectified=True, step_size=0.01, lookahead_alpha=0.5, grad_scale=1.0, skip=skip)
+    else:
+        triton_kernels.lookahead_sync(data[0], data[2]["slow_buffer"], alpha=0.5, skip=skip)
+    _states_equal(data, before)
+
+
+def test_a_clear_skip_flag_steps_as_without_one(device):
+    keys = ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"]
+    plain = make(torch.float32, device, keys)
+    flagged = clone(*plain)
+    triton_kernels.adam_step(*plain, **ADAM_KW)
+    triton_kernels.adam_step(*flagged, **ADAM_KW, skip=torch.zeros(1, device=device))
+    _states_equal(plain, flagged)
