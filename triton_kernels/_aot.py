@@ -20,6 +20,7 @@ import collections
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import subprocess
@@ -321,7 +322,8 @@ def audit(spec_list: list[dict], archs=ARCHS, workers: int = 2) -> list[dict]:
             raise RuntimeError(f"AOT compile failed:\n{done.stderr[-4000:]}")
         return json.loads(done.stdout)
     jobs = [(spec, arch) for spec in spec_list for arch in archs]
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # spawn, not fork: the parent may hold a CUDA context (recording on a GPU)
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(_audit_one, jobs))
 
 

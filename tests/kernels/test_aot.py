@@ -22,10 +22,11 @@ import functools
 
 import pytest
 import torch
-import triton
-import triton.language as tl
 
 import triton_kernels
+
+triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 pytestmark = pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")) and not torch.cuda.is_available(),
                                 reason="records launches under the Triton interpreter or on CUDA")
