@@ -2,8 +2,16 @@
 (``torch.get_num_threads()`` OpenMP threads over fixed 32K-element chunks) and vectorized, over all
 tensors of a (param dtype, grad dtype) bucket per call. The launchers have the Triton launchers'
 signatures (``triton_kernels``): tensors and Python scalars in, nothing of optimizers or
-torch.distributed. The kernels are a small C++ library (``kernels.cpp``) built on first use, a few
-seconds, and cached per machine (see ``_build``); ``supports`` says whether it can run here.
+torch.distributed. The kernels are a small C++ library (``kernels.cpp``, no torch headers) built on
+first use — about 4 s of compiler CPU time, once per machine, cached by source, flags, compiler and
+CPU (see ``_build``); loading it afterwards takes ~20 ms. ``supports`` says whether it can run here.
+
+Why C++ rather than torch's own fused CPU kernels or Inductor: torch's ``_fused_adamw_`` and friends
+keep state in the param dtype (no bf16/fp16 params with fp32 state), divide by the grad scale where
+we multiply, and cover four of the eight families; a ``torch.compile``d per-tensor function matches
+them on AdamW but costs seconds of compilation per family, dtype, switch and tensor layout. One
+library covers every family, dtype pair and switch, and follows the torch path's roundings
+operation by operation (see the header of ``kernels.cpp``).
 
 Params and grads may be fp32, bf16 or fp16 (independently); state is fp32. Non-contiguous tensors
 run on contiguous copies written back afterwards. Everything else (fp64, a state in another dtype)

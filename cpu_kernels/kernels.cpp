@@ -120,7 +120,7 @@ inline float nan_max(float a, float b) {  // torch.maximum propagates NaN
   return (a != a) ? a : r;
 }
 
-// Every element-wise family: one block of n elements, fp32 p (in/out), g (scratch copy), states.
+// Every element-wise family: one block of n elements, fp32 p (in/out), fp32 grads (read), states.
 struct Args {
   const float* sc;  // scalars, meaning per family
   const int* fl;    // flags, meaning per family
@@ -128,58 +128,75 @@ struct Args {
 
 enum Family : int { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, RADAM = 4, LOOKAHEAD = 5 };
 
-// g = grad * grad_scale (+ weight_decay * p, torch's add-with-alpha: fma)
-inline void scale_and_decay(float* __restrict g, const float* __restrict gin, const float* __restrict p, int64_t n,
-                            float gs, float wd, bool coupled) {
-  if (coupled) {
-    for (int64_t i = 0; i < n; ++i) g[i] = std::fma(p[i], wd, gin[i] * gs);
-  } else {
-    for (int64_t i = 0; i < n; ++i) g[i] = gin[i] * gs;
-  }
-}
-
 template <int F>
-void block(float* __restrict p, const float* __restrict gin, float* __restrict g, float* const* S, int64_t n, const Args& a) {
+void block(float* __restrict p, const float* __restrict gin, float* const* S, int64_t n, const Args& a) {
   const float* c = a.sc;
   const int* f = a.fl;
+  using T = std::true_type;
+  using N = std::false_type;
+  // Every loop below is one pass with every switch a compile-time constant (a branch inside a loop
+  // keeps GCC from vectorizing it); the grad scale and coupled weight decay are folded in.
   if constexpr (F == SGD) {
     // sc: grad_scale, weight_decay, momentum, 1 - dampening, -lr ; fl: has_wd, has_momentum, first_step, nesterov
-    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
-    if (f[1]) {
-      float* __restrict buf = S[0];
-      const float mom = c[2], keep = c[3];
-      if (f[2]) { for (int64_t i = 0; i < n; ++i) buf[i] = g[i]; }
-      else { for (int64_t i = 0; i < n; ++i) buf[i] = std::fma(g[i], keep, buf[i] * mom); }
-      if (f[3]) { for (int64_t i = 0; i < n; ++i) p[i] = std::fma(std::fma(buf[i], mom, g[i]), c[4], p[i]); }
-      else { for (int64_t i = 0; i < n; ++i) p[i] = std::fma(buf[i], c[4], p[i]); }
-    } else {
-      for (int64_t i = 0; i < n; ++i) p[i] = std::fma(g[i], c[4], p[i]);
-    }
+    float* __restrict buf = S[0];
+    const float gs = c[0], wd = c[1], mom = c[2], keep = c[3], nlr = c[4];
+    auto loop = [&](auto wd_c, auto mom_c, auto nest_c) {
+      constexpr bool WD = decltype(wd_c)::value, NEST = decltype(nest_c)::value;
+      constexpr int MOM = decltype(mom_c)::value;  // 0 none, 1 first step (buf = g), 2 later steps
+      for (int64_t i = 0; i < n; ++i) {
+        float pi = p[i];
+        float gi = gin[i] * gs;
+        if constexpr (WD) gi = std::fma(pi, wd, gi);
+        float d = gi;
+        if constexpr (MOM > 0) {
+          float b = MOM == 1 ? gi : std::fma(gi, keep, buf[i] * mom);
+          buf[i] = b;
+          d = NEST ? std::fma(b, mom, gi) : b;
+        }
+        p[i] = std::fma(d, nlr, pi);
+      }
+    };
+    using M0 = std::integral_constant<int, 0>;
+    using M1 = std::integral_constant<int, 1>;
+    using M2 = std::integral_constant<int, 2>;
+    auto with_wd = [&](auto mom_c, auto nest_c) { if (f[0]) loop(T{}, mom_c, nest_c); else loop(N{}, mom_c, nest_c); };
+    if (!f[1]) with_wd(M0{}, N{});
+    else if (f[2]) { if (f[3]) with_wd(M1{}, T{}); else with_wd(M1{}, N{}); }
+    else { if (f[3]) with_wd(M2{}, T{}); else with_wd(M2{}, N{}); }
   } else if constexpr (F == ADAGRAD) {
     // sc: grad_scale, weight_decay, eps, -clr ; fl: has_wd
-    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
     float* __restrict sum = S[0];
-    const float eps = c[2], nclr = c[3];
-    for (int64_t i = 0; i < n; ++i) {
-      float s = std::fma(1.0f * g[i], g[i], sum[i]);
-      sum[i] = s;
-      float num = g[i] * nclr;
-      p[i] = p[i] + num / (std::sqrt(s) + eps);
-    }
+    const float gs = c[0], wd = c[1], eps = c[2], nclr = c[3];
+    auto loop = [&](auto wd_c) {
+      constexpr bool WD = decltype(wd_c)::value;
+      for (int64_t i = 0; i < n; ++i) {
+        float pi = p[i];
+        float gi = gin[i] * gs;
+        if constexpr (WD) gi = std::fma(pi, wd, gi);
+        float s = std::fma(1.0f * gi, gi, sum[i]);
+        sum[i] = s;
+        float num = gi * nclr;
+        p[i] = pi + num / (std::sqrt(s) + eps);
+      }
+    };
+    if (f[0]) loop(T{}); else loop(N{});
   } else if constexpr (F == RMSPROP) {
     // sc: grad_scale, weight_decay, alpha, 1 - alpha, eps, momentum, -lr, (1-alpha) - 1
     // fl: has_wd, centered, has_momentum, lerp weight small
-    scale_and_decay(g, gin, p, n, c[0], c[1], f[0]);
     float* __restrict sq = S[0];
     float* __restrict buf = S[1];
     float* __restrict ga = S[2];
     const float alpha = c[2], oma = c[3], eps = c[4], mom = c[5], nlr = c[6], wm1 = c[7];
     const bool centered = f[1], has_mom = f[2], small = f[3];
-    auto loop = [&](auto centered_c, auto has_mom_c, auto small_c) {
+    const float gs = c[0], wd = c[1];
+    const bool has_wd = f[0];
+    auto loop = [&](auto centered_c, auto has_mom_c, auto small_c, auto wd_c) {
       constexpr bool C = decltype(centered_c)::value, M = decltype(has_mom_c)::value;
-      constexpr bool SMALL = decltype(small_c)::value;
+      constexpr bool SMALL = decltype(small_c)::value, WD = decltype(wd_c)::value;
       for (int64_t i = 0; i < n; ++i) {
-        float gi = g[i];
+        float pi = p[i];
+        float gi = gin[i] * gs;
+        if constexpr (WD) gi = std::fma(pi, wd, gi);
         float s = sq[i] * alpha;
         s = std::fma(oma * gi, gi, s);
         sq[i] = s;
@@ -196,39 +213,39 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
           float b = buf[i] * mom;
           b = b + (1.0f * gi) / avg;
           buf[i] = b;
-          p[i] = std::fma(b, nlr, p[i]);
+          p[i] = std::fma(b, nlr, pi);
         } else {
-          p[i] = p[i] + (nlr * gi) / avg;
+          p[i] = pi + (nlr * gi) / avg;
         }
       }
     };
-    using T = std::true_type;
-    using N = std::false_type;
-    // Every switch a compile-time constant: a branch inside the loop would keep GCC from vectorizing it.
+    auto with_wd = [&](auto c_, auto m_, auto s_) { if (has_wd) loop(c_, m_, s_, T{}); else loop(c_, m_, s_, N{}); };
     if (centered) {
-      if (has_mom) { if (small) loop(T{}, T{}, T{}); else loop(T{}, T{}, N{}); }
-      else { if (small) loop(T{}, N{}, T{}); else loop(T{}, N{}, N{}); }
+      if (has_mom) { if (small) with_wd(T{}, T{}, T{}); else with_wd(T{}, T{}, N{}); }
+      else { if (small) with_wd(T{}, N{}, T{}); else with_wd(T{}, N{}, N{}); }
     } else {
-      if (has_mom) loop(N{}, T{}, N{}); else loop(N{}, N{}, N{});  // no lerp without centering
+      if (has_mom) with_wd(N{}, T{}, N{}); else with_wd(N{}, N{}, N{});  // no lerp without centering
     }
   } else if constexpr (F == ADAM || F == RADAM) {
     // sc: grad_scale, weight_decay, 1 - lr*wd, 1 - beta1, (1 - beta1) - 1, beta2, 1 - beta2, eps, -step_size,
     //     bias_correction2_sqrt (Adam), lookahead alpha (Ranger)
     // fl: has_wd, decoupled, lerp weight small, amsgrad (Adam) / rectified (RAdam), lookahead (RAdam)
     const bool has_wd = f[0], decoupled = f[1], small = f[2], opt = f[3];
-    if (has_wd && decoupled) {
-      const float keep = c[2];
-      for (int64_t i = 0; i < n; ++i) p[i] = p[i] * keep;
-    }
-    scale_and_decay(g, gin, p, n, c[0], c[1], has_wd && !decoupled);
     float* __restrict m = S[0];
     float* __restrict v = S[1];
     float* __restrict x = S[2];  // Adam: max_exp_avg_sq; RAdam: slow_buffer
+    const float gs = c[0], wd = c[1], keep = c[2];
     const float w = c[3], wm1 = c[4], b2 = c[5], omb2 = c[6], eps = c[7], nss = c[8], bc2 = c[9];
-    auto loop = [&](auto opt_c, auto small_c) {
+    // One pass: weight decay (WD 0 none, 1 coupled into g, 2 decoupled on p) and the grad scale are
+    // folded into the loop, so fp32 data is read once straight from memory.
+    auto loop = [&](auto opt_c, auto small_c, auto wd_c) {
       constexpr bool OPT = decltype(opt_c)::value, SMALL = decltype(small_c)::value;
+      constexpr int WD = decltype(wd_c)::value;
       for (int64_t i = 0; i < n; ++i) {
-        float gi = g[i];
+        float pi = p[i];
+        float gi = gin[i] * gs;
+        if constexpr (WD == 2) pi = pi * keep;
+        if constexpr (WD == 1) gi = std::fma(pi, wd, gi);
         float mi = lerp(m[i], gi, w, wm1, SMALL);
         m[i] = mi;
         float vi = v[i] * b2;
@@ -237,18 +254,20 @@ void block(float* __restrict p, const float* __restrict gin, float* __restrict g
         if constexpr (F == ADAM) {
           if constexpr (OPT) { vi = nan_max(x[i], vi); x[i] = vi; }
           float d = std::sqrt(vi) / bc2 + eps;
-          p[i] = p[i] + (nss * mi) / d;
+          p[i] = pi + (nss * mi) / d;
         } else {
-          if constexpr (OPT) p[i] = p[i] + (nss * mi) / (std::sqrt(vi) + eps);
-          else p[i] = std::fma(mi, nss, p[i]);
+          if constexpr (OPT) p[i] = pi + (nss * mi) / (std::sqrt(vi) + eps);
+          else p[i] = std::fma(mi, nss, pi);
         }
       }
     };
-    using T = std::true_type;
-    using N = std::false_type;
-    // Every switch a compile-time constant: a branch inside the loop would keep GCC from vectorizing it.
-    if (opt) { if (small) loop(T{}, T{}); else loop(T{}, N{}); }
-    else { if (small) loop(N{}, T{}); else loop(N{}, N{}); }
+    auto with_wd = [&](auto opt_c, auto small_c) {
+      if (!has_wd) loop(opt_c, small_c, std::integral_constant<int, 0>{});
+      else if (decoupled) loop(opt_c, small_c, std::integral_constant<int, 2>{});
+      else loop(opt_c, small_c, std::integral_constant<int, 1>{});
+    };
+    if (opt) { if (small) with_wd(T{}, T{}); else with_wd(T{}, N{}); }
+    else { if (small) with_wd(N{}, T{}); else with_wd(N{}, N{}); }
     if constexpr (F == RADAM) {
       if (f[4]) {
         const float la = c[10];
@@ -300,7 +319,6 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
   {
     alignas(64) float pbuf[BLOCK];
     alignas(64) float gbuf[BLOCK];
-    alignas(64) float gtmp[BLOCK];
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < nc; ++k) {
       const Chunk ch = chunks[k];
@@ -310,7 +328,7 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
         const float* g = F == LOOKAHEAD ? nullptr : load<GD>(G[ch.t], off, n, gbuf);
         float* s[3] = {nullptr, nullptr, nullptr};
         for (int j = 0; j < nstate; ++j) s[j] = S[j * nt + ch.t] ? S[j * nt + ch.t] + off : nullptr;
-        block<F>(p, g, gtmp, s, n, a);
+        block<F>(p, g, s, n, a);
         store<PD>(P[ch.t], off, n, p);
       }
     }
