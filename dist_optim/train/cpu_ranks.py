@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
-# Set by mpirun-style launchers; with them accelerate's ranks are real and nothing is missing.
+# Set by mpirun-style launchers (accelerate's --mpirun_hostfile route).
 _MPI_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 _REFUSAL = (
     "accelerate launch --cpu started one process, though it was asked for several ({why}); start the ranks "
@@ -25,11 +25,14 @@ def accelerate_cpu_processes(env: Mapping[str, str], parent_cmdline: list[str] |
     """How many processes the ``accelerate launch --cpu`` that started this one process was asked
     for; 1 when no such launcher started it. accelerate sets MASTER_ADDR only when asked for more
     than one process: with it, a command line that cannot be read is refused."""
-    if not (
-        env.get("ACCELERATE_USE_CPU", "").lower() == "true"
-        and "WORLD_SIZE" not in env
-        and not any(k in env for k in _MPI_SIZES)
-    ):
+    mpi = [k for k in _MPI_SIZES if int(env.get(k, "1")) > 1]
+    if mpi and "WORLD_SIZE" not in env:
+        # Each mpirun rank would otherwise train alone, all writing the same --out.
+        raise ValueError(
+            f"Invalid launch: mpirun started the ranks ({mpi[0]}={env[mpi[0]]}), which launch/train.py does not join; "
+            "use `accelerate launch --multi_gpu --num_processes N`, torchrun or `dist-optim train --nproc N`"
+        )
+    if env.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in env:
         return 1
     several = "MASTER_ADDR" in env
     argv = parent_cmdline if parent_cmdline is not None else _parent_cmdline()

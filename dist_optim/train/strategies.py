@@ -24,7 +24,8 @@ def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
 
 class TorchRunner:
     """single, ddp and fsdp2: our optimizer stepping the module's (local) params, accumulation with
-    gradient sync only on the last micro-batch, DCP checkpoints."""
+    gradient sync only on the last micro-batch, DCP checkpoints. Under ``accelerate launch`` the
+    model and optimizer are prepared by accelerate (see accelerate_prepare)."""
 
     def __init__(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> None:
         self.cfg, self.device = cfg, device

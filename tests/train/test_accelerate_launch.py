@@ -107,6 +107,11 @@ def test_accelerate_cpu_process_count_is_read_from_its_command(env, cmdline, cou
     assert accelerate_cpu_processes(env, cmdline) == count
 
 
+def test_mpirun_ranks_are_refused_rather_than_each_training_alone():
+    with pytest.raises(ValueError, match="Invalid launch: mpirun started the ranks"):
+        accelerate_cpu_processes({**CPU_ENV, "OMPI_COMM_WORLD_SIZE": "2"}, [])
+
+
 def test_an_unreadable_accelerate_command_is_refused_not_run_as_one_process():
     with pytest.raises(ValueError, match="accelerate launch --cpu started one process, though it was asked for several"):
         accelerate_cpu_processes(CPU_ENV, ["python", "my_own_launcher.py"])
