@@ -31,6 +31,13 @@ def slow_weights(param: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"slow_buffer": new_state_like(param, copy=True), "lookahead_step": step_counter()}
 
 
+def members(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The params Lookahead keeps slow weights for: frozen ones never move (the sync would be a
+    no-op), and DCP loads no optimizer state for them, so a counter kept for them would restart on
+    resume and shift their sync after an unfreeze."""
+    return [p for p in params if p.requires_grad]
+
+
 def count_and_pick_due(states: Sequence[dict[str, torch.Tensor]], k: int) -> list[int]:
     """Advance each param's Lookahead count; the indices whose count reached a multiple of k."""
     return [i for count, idx in advance(states, "lookahead_step").items() if count % k == 0 for i in idx]
@@ -107,7 +114,7 @@ class Lookahead(Optimizer):
         # Slow weights are taken from the params before this step's update, but kept only if the
         # step is not skipped: a skipped step leaves the state as it was.
         pending = {
-            p: slow_weights(p) for g in self.param_groups for p in g["params"] if "slow_buffer" not in self.state[p]
+            p: slow_weights(p) for g in self.param_groups for p in members(g["params"]) if "slow_buffer" not in self.state[p]
         }
         skipped_before = self.optimizer.skipped_steps
         loss = self.optimizer.step(closure, grad_scale=grad_scale)
@@ -115,8 +122,8 @@ class Lookahead(Optimizer):
             return loss
         for p, la_state in pending.items():
             self.state[p].update(la_state)
-        members = [p for g in self.param_groups for p in g["params"]]
-        due = [members[i] for i in count_and_pick_due([self.state[p] for p in members], self.k)]
+        synced = [p for g in self.param_groups for p in members(g["params"])]
+        due = [synced[i] for i in count_and_pick_due([self.state[p] for p in synced], self.k)]
         if due:
             lookahead_sync(
                 [local_tensor(p) for p in due],

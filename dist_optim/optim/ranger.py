@@ -7,7 +7,7 @@ from typing import Any
 from ..distributed.shard import local_tensor
 from ..functional import lookahead_sync, radam_step
 from .base import advance
-from .lookahead import LOOKAHEAD_KEYS, check_k_alpha, count_and_pick_due, slow_weights
+from .lookahead import LOOKAHEAD_KEYS, check_k_alpha, count_and_pick_due, members, slow_weights
 from .radam import RAdam
 
 
@@ -51,11 +51,11 @@ class Ranger(RAdam):
         return [LOOKAHEAD_KEYS, *super()._state_key_blocks(group)]
 
     def _update_group(self, group, params, grads, grad_scale):
-        members = group["params"]
-        for p in members:  # slow weights from the params before this step's update
+        synced = members(group["params"])
+        for p in synced:  # slow weights from the params before this step's update
             if "slow_buffer" not in self.state[p]:
                 self.state[p].update(slow_weights(p))
-        due = {id(members[i]) for i in count_and_pick_due([self.state[p] for p in members], group["k"])}
+        due = {id(synced[i]) for i in count_and_pick_due([self.state[p] for p in synced], group["k"])}
         hyper = self._radam_hyper(group, grad_scale)
         states = [self._state(p, group) for p in params]
         for t, idx in advance(states).items():
@@ -74,7 +74,7 @@ class Ranger(RAdam):
                 )
         # Params without a gradient this step still take part in the sync.
         with_grad = {id(p) for p in params}
-        idle = [p for p in members if id(p) in due and id(p) not in with_grad]
+        idle = [p for p in synced if id(p) in due and id(p) not in with_grad]
         if idle:
             lookahead_sync(
                 [local_tensor(p) for p in idle],

@@ -160,7 +160,7 @@ class PlainLookahead:
 
     def state_of(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         state = dict(self.inner.state.get(p, {}))
-        if p in self.slow:
+        if p in self.slow and p.requires_grad:  # a frozen param's slow weight is itself: no state kept
             state["slow_buffer"] = self.slow[p]
         return state
 
