@@ -95,17 +95,23 @@ def run_optimizers(device: torch.device) -> None:
 
 
 def run_sync_free_launches(device: torch.device) -> None:
-    """The launchers' sync-free form (per-step values as device tensors, a device skip flag), which
-    the optimizers do not use yet: Adam at fp32 and bf16 params."""
+    """The launchers' sync-free form (per-step values as device tensors, a device skip flag; RAdam's
+    rectification and Ranger's sync decided by device flags), which the optimizers do not use yet:
+    Adam and Ranger at fp32 and bf16 params."""
     for dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
         grads = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
         states = {k: [torch.zeros(300, device=device)] for k in ("exp_avg", "exp_avg_sq")}
         one = torch.ones(1, device=device)
+        skip = torch.zeros(1, dtype=torch.int32, device=device)
         triton_kernels.adam_step(params, grads, states, lr=one * 1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                  decoupled=True, amsgrad=False, step_size=one * 1e-3, bias_correction2_sqrt=one,
-                                 grad_scale=one, skip=torch.zeros(1, dtype=torch.int32, device=device))
+                                 grad_scale=one, skip=skip)
+        states["slow_buffer"] = [torch.zeros(300, device=device)]  # Ranger: rectification and sync on the device
+        triton_kernels.radam_step(params, grads, states, lr=one * 1e-3, beta1=0.95, beta2=0.999, eps=1e-5,
+                                  weight_decay=0.0, decoupled=False, rectified=one, step_size=one * 1e-3,
+                                  lookahead_alpha=0.5, grad_scale=one, skip=skip, sync=one)
 
 
 @functools.lru_cache(maxsize=1)
