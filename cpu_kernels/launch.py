@@ -81,6 +81,7 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
             g = p if grads is None else grads[i]
             buckets[(DTYPES[p.dtype], DTYPES[g.dtype])].append(i)
     fix = _Contiguous()
+    written: list[torch.Tensor] = []
     for (pd, gd), idx in buckets.items():
         ps = [fix(params[i], True) for i in idx]
         gs = ps if grads is None else [fix(grads[i], False) for i in idx]
@@ -91,7 +92,11 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
                                  len(states), sc, fl, nthreads)
         if rc != 0:
             raise RuntimeError(f"cpu_kernels: step of family {family} failed with code {rc}")
+        written += [params[i] for i in idx] + [ts[i] for ts in states if ts is not None for i in idx]
     fix.finish()
+    # The library writes through raw pointers: bump the version counters as an in-place torch op
+    # would, so autograd still catches a saved param changed before its backward.
+    torch.autograd.graph.increment_version(written)
 
 
 def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale) -> None:

@@ -243,6 +243,23 @@ def test_one_call_per_dtype_bucket(monkeypatch):
     assert_match((params, grads, states), ref)
 
 
+def test_written_tensors_bump_their_version_as_in_place_ops_do():
+    """Autograd's check that a saved tensor was not modified in place must keep working."""
+    params, grads, states = make(torch.float32, ["exp_avg", "exp_avg_sq"], sizes=[5, 3])
+    before = [t._version for t in params + states["exp_avg"] + states["exp_avg_sq"]]
+    F.adam_step(params, grads, states, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True,
+                amsgrad=False, step=1, backend="cpu")
+    after = [t._version for t in params + states["exp_avg"] + states["exp_avg_sq"]]
+    assert all(a > b for a, b in zip(after, before))
+    w = torch.randn(4, requires_grad=True)
+    loss = (w * w).sum()  # saves w for backward
+    with torch.no_grad():
+        F.sgd_step([w], [torch.ones(4)], {}, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                   first_step=True, backend="cpu")
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_threads_follow_torch_and_do_not_change_results():
     """The kernels use torch.get_num_threads() threads over fixed chunks: any count, same bits."""
     data = make(torch.float32, ["exp_avg", "exp_avg_sq"], sizes=[100003, 5, 40000])
