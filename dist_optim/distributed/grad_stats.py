@@ -9,9 +9,12 @@ param its own 2-D mesh beside the 1-D data-parallel mesh of params that are only
 Who counts what:
 - a DTensor grad is split over its mesh along Shard dims and copied along Replicate dims: a copy is
   counted only at coordinate 0 of each Replicate dim (HSDP's replicas, TP-replicated norms);
-- a DTensor whose mesh spans only part of the group (a norm sharded on the DP sub-mesh beside
-  TP x DP params) has one copy per translate of that sub-mesh; only the copy on the translate
-  holding the group's lowest rank is counted;
+- a DTensor whose mesh spans only part of the ranks the params' meshes span together (a norm
+  sharded on the DP sub-mesh beside TP x DP params) has one copy per translate of that sub-mesh;
+  only the copy on the translate holding the lowest of those ranks is counted;
+- params whose meshes together span only part of their root mesh (pipeline stages on a
+  ("pp", "dp") mesh) are ambiguous: the other ranks may hold copies or other params. That needs
+  ``process_group=``; without it the step raises rather than clip by a partial norm;
 - a plain grad with an explicit group is a partition (ZeRO's flat fp32 shard, FSDP1's flat shard):
   counted on every rank;
 - a plain grad beside DTensors (no explicit group) is replicated on every rank of the group:
@@ -45,7 +48,21 @@ def mesh_ranks(mesh: Any) -> frozenset[int]:
     return frozenset(mesh.mesh.flatten().tolist())
 
 
+def root_ranks(mesh: Any) -> frozenset[int]:
+    """The ranks of the mesh ``mesh`` was sliced from (itself when it was not)."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    return mesh_ranks(root)
+
+
 def _group_for(ranks: frozenset[int], meshes: Sequence[Any]) -> Any:
+    roots = frozenset().union(*(root_ranks(m) for m in meshes))
+    if ranks < roots:
+        raise ValueError(
+            f"the params' device meshes span ranks {sorted(ranks)} of their root mesh's {sorted(roots)}: the "
+            "other ranks may hold other params (pipeline stages) or copies of these, so the global norm is "
+            "ambiguous. Pass process_group= over every rank holding distinct params (e.g. "
+            "dist.group.WORLD for pipeline stages), or the group over these ranks if the others hold copies"
+        )
     if len(ranks) == dist.get_world_size():
         return dist.group.WORLD
     for mesh in meshes:
@@ -80,24 +97,27 @@ class GradLayout:
             info = self._mesh_info[mesh] = (mesh_ranks(mesh), tuple(mesh.get_coordinate()))
         return info
 
-    def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any) -> tuple[Any, frozenset[int] | None]:
-        """(group, its global ranks), or (None, None) when the statistics are local."""
+    def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any) -> tuple[Any, frozenset[int] | None, frozenset[int]]:
+        """(group, its global ranks, the ranks the DTensor grads' meshes span together); the group is
+        None, with no ranks, when the statistics are local."""
+        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g)))  # by value
+        span = frozenset().union(*(self._info(m)[0] for m in meshes)) if meshes else frozenset()
         if explicit_group is not None:
             if not active(explicit_group):
-                return explicit_group, None
-            return explicit_group, frozenset(dist.get_process_group_ranks(explicit_group))
-        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g)))
+                return explicit_group, None, span
+            return explicit_group, frozenset(dist.get_process_group_ranks(explicit_group)), span
         if not meshes:
-            return None, None
-        ranks = frozenset().union(*(self._info(m)[0] for m in meshes))
-        return _group_for(ranks, meshes), ranks
+            return None, None, span
+        return _group_for(span, meshes), span, span
 
-    def counted_here(self, grad: torch.Tensor, explicit: bool, group_ranks: frozenset[int] | None) -> bool:
+    def counted_here(
+        self, grad: torch.Tensor, explicit: bool, group_ranks: frozenset[int] | None, span: frozenset[int]
+    ) -> bool:
         """Whether this rank's piece of ``grad`` enters the sum (each element once over the group)."""
         if group_ranks is None:
             return True
         if not is_dtensor(grad):
-            return explicit or dist.get_rank() == min(group_ranks)
+            return explicit or dist.get_rank() == min(span or group_ranks)
         ranks, coords = self._info(grad.device_mesh)
         for dim, placement in enumerate(grad.placements):
             if placement.is_partial():
@@ -107,8 +127,8 @@ class GradLayout:
                 )
             if placement.is_replicate() and coords[dim] != 0:
                 return False
-        inside = ranks & group_ranks
-        return min(group_ranks) in inside if len(inside) < len(group_ranks) else True
+        # Translates of a sub-mesh within the span hold copies: count the one with the span's lowest rank.
+        return min(span) in ranks if len(ranks) < len(span) else True
 
 
 def global_grad_stats(
@@ -116,10 +136,10 @@ def global_grad_stats(
 ) -> torch.Tensor:
     """[sum of squares over every rank's distinct elements, > 0 if any rank saw inf/NaN], fp32."""
     layout = layout if layout is not None else GradLayout()
-    group, group_ranks = layout.resolve(grads, process_group)
+    group, group_ranks, span = layout.resolve(grads, process_group)
     counted, replicas = [], []
     for g in grads:
-        here = layout.counted_here(g, process_group is not None, group_ranks)
+        here = layout.counted_here(g, process_group is not None, group_ranks, span)
         (counted if here else replicas).append(local_tensor(g))
     stats = grad_sumsq_and_flag(counted, backend=backend)
     if replicas:

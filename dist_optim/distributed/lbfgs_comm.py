@@ -42,13 +42,14 @@ def counted_first(params: Sequence[torch.Tensor], group: Any) -> tuple[list[torc
     elements they hold: every rank's piece is then counted exactly once over the group."""
     ranks = frozenset(dist.get_process_group_ranks(group)) if active(group) else None
     layout = GradLayout()
+    span = layout.resolve(params, group)[2]
 
     def here(p: torch.Tensor) -> bool:
         if ranks is None or getattr(p, "_fsdp_flattened", False):
             return True
         if is_dtensor(p):
-            return layout.counted_here(p, False, ranks)
-        return dist.get_rank() == min(ranks)
+            return layout.counted_here(p, False, ranks, span)
+        return dist.get_rank() == min(span or ranks)
 
     counted = [p for p in params if here(p)]
     rest = [p for p in params if not here(p)]

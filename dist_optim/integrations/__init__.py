@@ -1,1 +1,2 @@
-"""Integrations with training frameworks: DeepSpeed (``dist_optim.deepspeed``)."""
+"""Integrations with training frameworks: DeepSpeed (``dist_optim.deepspeed``) and torch's
+ZeroRedundancyOptimizer, each hooked in when that framework is first imported."""

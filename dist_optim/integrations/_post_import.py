@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.machinery
 import sys
+import warnings
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -25,7 +26,10 @@ class _CallbackLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        self._callback(module)
+        try:
+            self._callback(module)
+        except Exception as err:  # noqa: BLE001 (never break the user's import of the module itself)
+            warnings.warn(f"dist_optim could not hook into {module.__name__}: {err!r}", RuntimeWarning, stacklevel=2)
 
     def __getattr__(self, name: str) -> Any:  # get_code, get_source, is_package, ...
         return getattr(self._loader, name)

@@ -30,6 +30,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import optim as _optim
 
 PREFIX = "dist_optim."
@@ -102,7 +104,8 @@ def settle_clipping(engine: Any, optimizer: Any) -> None:
     if base.max_grad_norm is not None and ds_clip not in (None, 0, 0.0, "auto"):
         raise ValueError(
             f"Invalid gradient_clipping: {ds_clip!r} together with max_grad_norm={base.max_grad_norm!r} "
-            "(clip once: drop one of them)"
+            "(clip once: drop one of them; a config saying \"auto\" is filled by accelerate or HF Trainer "
+            "from their own max_grad_norm, 1.0 by default: set it to 0 there)"
         )
     if engine.zero_optimization_stage() >= 3:
         if base.nonfinite == "raise":
@@ -113,6 +116,7 @@ def settle_clipping(engine: Any, optimizer: Any) -> None:
         base.nonfinite = "apply"
     elif base.max_grad_norm is not None:
         engine._config.gradient_clipping = 0.0
+    base.expect_binding()
 
 
 def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None:
@@ -137,23 +141,44 @@ def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None
 
 
 def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
-    """After the engine built its wrapper around ours: tell ours which ranks share its params."""
+    """After the engine built its wrapper around ours: tell ours which ranks share its params, and
+    let the wrapper report our decisions as its own."""
     base = _ours(optimizer)
-    if base is None or engine.zero_optimization_stage() >= 3:
-        return  # ZeRO-3: DeepSpeed owns clipping and skipping; nothing reduces on our side
+    if base is None:
+        return
     wrapper = engine.optimizer
     group = getattr(wrapper, "dp_process_group", None) if wrapper is not optimizer else None
     if group is None:
         base.bind_params(None)  # ZeRO-0: params (or master copies) are replicas on every rank
         return
     groups = getattr(wrapper, "real_dp_process_group", [group])
-    if any(g is not group for g in groups):
+    if any(g is not group for g in groups) and base.max_grad_norm is not None:
         raise ValueError(
             "Invalid optimizer: param groups partitioned over different data-parallel groups (MoE expert "
             "parallelism) need one global norm over several groups; use DeepSpeed's gradient_clipping and "
             "nonfinite='apply' instead of max_grad_norm"
         )
-    base.bind_params(group)
+    base.bind_params(group)  # ZeRO-3 too: unused there (DeepSpeed clips and skips), but true
+    if engine.zero_optimization_stage() < 3:
+        _report_through(wrapper, base)
+
+
+def _report_through(wrapper: Any, base: Any) -> None:
+    """The engine reads ``overflow`` and ``_global_grad_norm`` off its wrapper after each step: a step
+    we skipped then counts as skipped (no lr-scheduler step, ``engine.skipped_steps``), and
+    ``engine.get_global_grad_norm()`` returns our norm where DeepSpeed computed none."""
+    wrapper_step = wrapper.step
+
+    def step(*args: Any, **kwargs: Any):
+        skipped = base.skipped_steps
+        out = wrapper_step(*args, **kwargs)
+        if base.skipped_steps != skipped:
+            wrapper.overflow = True
+        if getattr(wrapper, "_global_grad_norm", None) is None and base.last_grad_norm is not None:
+            wrapper._global_grad_norm = base.last_grad_norm
+        return out
+
+    wrapper.step = step
 
 
 def _patch_engine(engine_module: Any) -> None:
@@ -187,13 +212,19 @@ def _patch_engine(engine_module: Any) -> None:
         return kind
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
-        if (
-            client_optimizer is not None
-            and _ours(client_optimizer) is not None
-            and "zero_force_ds_cpu_optimizer" not in _raw_config(self)
-        ):
-            # DeepSpeed refuses client optimizers under offload for torch.optim's sake; ours step CPU
-            # partitions themselves. A config that sets the flag is obeyed.
+        # DeepSpeed refuses client optimizers under offload for torch.optim's sake; ours step CPU
+        # partitions themselves. A config that sets the flag is obeyed.
+        may_offload = "zero_force_ds_cpu_optimizer" not in _raw_config(self)
+        if callable(client_optimizer) and not isinstance(client_optimizer, torch.optim.Optimizer):
+            factory = client_optimizer
+
+            def client_optimizer(params):  # a callable: DeepSpeed checks what it returns
+                built = factory(params)
+                if may_offload and _ours(built) is not None:
+                    self._config.zero_force_ds_cpu_optimizer = False
+                return built
+
+        elif may_offload and client_optimizer is not None and _ours(client_optimizer) is not None:
             self._config.zero_force_ds_cpu_optimizer = False
         configure(self, client_optimizer, model_parameters)
         bind_to_wrapper(self, self.basic_optimizer)

@@ -56,6 +56,7 @@ class FusedOptimizer(Optimizer):
         # ids of the params we were given (alive as long as the model is): a plain param that is
         # not among them was swapped in by a wrapper (ZeRO's flat partitions, fp32 master copies).
         self._given_params: set[int] = set()
+        self._binding_pending = False
         super().__init__(params, defaults)
         self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
         self._grad_layout = GradLayout()
@@ -94,6 +95,13 @@ class FusedOptimizer(Optimizer):
         None (the new params are replicas, identical on every rank)."""
         self.process_group = process_group
         self._given_params.update(id(p) for g in self.param_groups for p in g["params"])
+        self._binding_pending = False
+
+    def expect_binding(self) -> None:
+        """An integration is about to wrap us and will call ``bind_params``; until then statistics
+        stay local (DeepSpeed's fp16/bf16 wrappers swap the params and step once on zero grads
+        while they are built)."""
+        self._binding_pending = True
 
     @torch.no_grad()
     def step(self, closure=None, *, grad_scale: float = 1.0):
@@ -162,7 +170,7 @@ class FusedOptimizer(Optimizer):
     def _refuse_unknown_shards(self, work, grads: Sequence[torch.Tensor]) -> None:
         """Plain params we were not given, with several ranks and no group, are some wrapper's
         partitions: local statistics would clip and skip per rank, so refuse instead."""
-        if any(is_dtensor(g) for g in grads):
+        if self._binding_pending or any(is_dtensor(g) for g in grads):
             return
         swapped = sum(id(p) not in self._given_params for _, params, _ in work for p in params)
         if swapped:

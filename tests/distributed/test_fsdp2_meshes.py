@@ -135,3 +135,14 @@ def test_lbfgs_under_hsdp_counts_each_replica_once_and_equals_one_process(world,
             torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
         assert losses == pytest.approx(ref_losses, rel=1e-8)
         assert evals == ref_evals
+
+
+def test_pipeline_stages_need_their_group_and_then_clip_by_the_norm_over_all_stages(world):
+    """Stages on a ("pp", "dp") mesh hold different params: without process_group= the norm over one
+    stage would be partial, so step() raises; with the world group it is the norm over both."""
+    from tests.distributed import _zero_pp_cases
+
+    for err in world.run(_zero_pp_cases.run_pipeline_stages, None, CLIP):
+        assert "pipeline stages" in err and "process_group=" in err
+    for ours, total in world.run(_zero_pp_cases.run_pipeline_stages, "world", CLIP):
+        assert ours == pytest.approx(total, rel=1e-6)

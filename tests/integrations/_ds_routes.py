@@ -119,10 +119,12 @@ def master_weights(engine) -> list[torch.Tensor]:
 
 
 def run(route: str, stage: int, precision: str, max_norm: float | None, steps: int = 4, **kw):
+    """(fp32 master weights, the lr at each step, the wrapper's class, the engine's grad norm)."""
     accum = kw.get("accum", 1)
     engine = build(route, stage, precision, max_norm, **kw)
     lrs = train(engine, steps, accum=accum)
-    return master_weights(engine), lrs, engine.optimizer.__class__.__name__
+    norm = engine.get_global_grad_norm()
+    return master_weights(engine), lrs, engine.optimizer.__class__.__name__, None if norm is None else float(norm)
 
 
 def run_checkpoint(route: str, stage: int, root: str, resume: bool):
@@ -236,7 +238,48 @@ def run_accelerate(stage: int, precision: str, max_norm: float | None, steps: in
             sched.step()
             opt.zero_grad()
             lrs.append(engine.get_lr()[0])
-        return master_weights(engine), lrs, type(engine.optimizer).__name__
+        return master_weights(engine), lrs, type(engine.optimizer).__name__, None
     finally:
         os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
         AcceleratorState._reset_state(True)
+
+
+def run_skip_reported(stage: int):
+    """Our optimizer skips a step with a NaN on the last rank: the engine counts it as skipped (no
+    scheduler step) and reports our norm on the other steps. Returns (engine.skipped_steps, the lrs
+    seen, the norm DeepSpeed reports after a normal step, ours)."""
+    engine = build("client", stage, "fp32", CLIP_FOR_REPORT,
+                   scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01,
+                                                             "warmup_num_steps": 4}})
+    rank, world = dist.get_rank(), dist.get_world_size()
+    lrs, norms = [], []
+    for step in range(3):
+        x, y = global_batch(step, world)
+        loss = torch.nn.functional.mse_loss(engine(rank_slice(x, rank, world)), rank_slice(y, rank, world))
+        if step == 1 and rank == world - 1:
+            loss = loss * float("nan")
+        engine.backward(loss)
+        engine.step()
+        lrs.append(engine.get_lr()[0])
+        norms.append(engine.get_global_grad_norm())
+    ours = engine.basic_optimizer
+    return engine.skipped_steps, lrs, float(norms[0]), ours.last_grad_norm is not None and ours.skipped_steps
+
+
+CLIP_FOR_REPORT = 0.05
+
+
+def run_callable_offload(stage: int):
+    """``deepspeed.initialize(optimizer=callable)`` returning ours, under offload_optimizer."""
+    import deepspeed
+
+    import dist_optim
+
+    net = model()
+    cfg = ds_config(stage, "fp32", clipping=None, offload=True)
+    engine, *_ = deepspeed.initialize(
+        model=net, model_parameters=net.parameters(), config=cfg,
+        optimizer=lambda params: dist_optim.AdamW(params, **dict(ADAMW, betas=tuple(ADAMW["betas"]), max_grad_norm=0.05)),
+    )
+    train(engine, 4)
+    return master_weights(engine), [0.0], type(engine.optimizer).__name__, None

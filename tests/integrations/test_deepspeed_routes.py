@@ -45,15 +45,21 @@ def builtin(world):
 
 
 def assert_same(ours, ref, precision):
-    for (a_params, a_lrs, _), (b_params, b_lrs, _) in zip(ours, ref):
+    for (a_params, a_lrs, _, a_norm), (b_params, b_lrs, _, b_norm) in zip(ours, ref):
         assert a_lrs == b_lrs
+        if a_norm is not None:  # what the engine reports (HF Trainer and Megatron log it)
+            assert a_norm == pytest.approx(b_norm, rel=1e-4)
         for a, b in zip(a_params, b_params):
             torch.testing.assert_close(a, b, **tol(precision))
 
 
+# Every precision set-up DeepSpeed accepts (it has no ZeRO-0 with bf16 and fp32 accumulation).
+SET_UPS = [(stage, precision) for stage in (0, 1, 2, 3) for precision in ("fp32", "bf16", "bf16+fp32acc", "fp16")
+           if (stage, precision) != (0, "bf16+fp32acc")]
+
+
 @pytest.mark.parametrize("max_norm", [None, CLIP])
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16+fp32acc", "fp16"])
-@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("stage,precision", SET_UPS)
 def test_plain_deepspeed_initialize_with_our_optimizer_equals_builtin(world, builtin, stage, precision, max_norm):
     ours = world.run(routes.run, "client", stage, precision, max_norm)
     assert_same(ours, builtin(stage, precision, max_norm), precision)
@@ -147,3 +153,22 @@ def test_accelerate_deepspeed_plugin_with_hf_style_optimizer_and_scheduler_equal
     over ``optimizers=(opt, sched)``; accelerate's DeepSpeed path runs on CPU here."""
     ours = world.run(routes.run_accelerate, stage, "bf16", CLIP)
     assert_same(ours, builtin(stage, "bf16", CLIP), "bf16")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_a_step_we_skip_is_skipped_for_the_engine_and_our_norm_is_reported(world, builtin, stage):
+    """No scheduler step and engine.skipped_steps counts it; get_global_grad_norm() gives our norm."""
+    results = world.run(routes.run_skip_reported, stage)
+    ref_norm = world.run(routes.run, "builtin", stage, "fp32", CLIP, steps=1)
+    for skipped, lrs, norm, ours_skipped in results:
+        assert skipped == 1 and ours_skipped == 1
+        assert lrs[1] == lrs[0]  # the skipped step did not advance the warm-up
+        assert norm == pytest.approx(ref_norm[0][3], rel=1e-5)
+
+
+def test_an_optimizer_factory_under_offload_needs_no_force_flag(world, builtin):
+    ours = world.run(routes.run_callable_offload, 2)
+    ref = builtin(2, "fp32", CLIP, offload=True)
+    for (a_params, *_), (b_params, *_) in zip(ours, ref):
+        for a, b in zip(a_params, b_params):
+            torch.testing.assert_close(a, b, **tol("fp32"))
