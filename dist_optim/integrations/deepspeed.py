@@ -148,9 +148,6 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
         return
     wrapper = engine.optimizer
     group = getattr(wrapper, "dp_process_group", None) if wrapper is not optimizer else None
-    if group is None:
-        base.bind_params(None)  # ZeRO-0: params (or master copies) are replicas on every rank
-        return
     groups = getattr(wrapper, "real_dp_process_group", [group])
     if any(g is not group for g in groups) and base.max_grad_norm is not None:
         raise ValueError(
@@ -158,23 +155,29 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
             "parallelism) need one global norm over several groups; use DeepSpeed's gradient_clipping and "
             "nonfinite='apply' instead of max_grad_norm"
         )
-    base.bind_params(group)  # ZeRO-3 too: unused there (DeepSpeed clips and skips), but true
+    # ZeRO-0: the params (or DeepSpeed's master copies) are replicas, None; ZeRO-3: unused there
+    # (DeepSpeed clips and skips), but true.
+    base.bind_params(group)
     if engine.zero_optimization_stage() < 3:
-        _report_through(wrapper, base)
+        _report_through(wrapper, base, own=wrapper is optimizer)
 
 
-def _report_through(wrapper: Any, base: Any) -> None:
+def _report_through(wrapper: Any, base: Any, *, own: bool) -> None:
     """The engine reads ``overflow`` and ``_global_grad_norm`` off its wrapper after each step: a step
     we skipped then counts as skipped (no lr-scheduler step, ``engine.skipped_steps``), and
     ``engine.get_global_grad_norm()`` returns our norm where DeepSpeed computed none."""
     wrapper_step = wrapper.step
+    # own: ZeRO-0 in fp32, where the engine steps ours directly and no DeepSpeed wrapper resets
+    # these attributes at each step.
 
     def step(*args: Any, **kwargs: Any):
         skipped = base.skipped_steps
         out = wrapper_step(*args, **kwargs)
         if base.skipped_steps != skipped:
             wrapper.overflow = True
-        if getattr(wrapper, "_global_grad_norm", None) is None and base.last_grad_norm is not None:
+        elif own:
+            wrapper.overflow = False
+        if own or getattr(wrapper, "_global_grad_norm", None) is None:
             wrapper._global_grad_norm = base.last_grad_norm
         return out
 

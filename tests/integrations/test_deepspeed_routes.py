@@ -47,7 +47,7 @@ def builtin(world):
 def assert_same(ours, ref, precision):
     for (a_params, a_lrs, _, a_norm), (b_params, b_lrs, _, b_norm) in zip(ours, ref):
         assert a_lrs == b_lrs
-        if a_norm is not None:  # what the engine reports (HF Trainer and Megatron log it)
+        if a_norm is not None and b_norm is not None:  # what the engine reports (HF Trainer, Megatron log it)
             assert a_norm == pytest.approx(b_norm, rel=1e-4)
         for a, b in zip(a_params, b_params):
             torch.testing.assert_close(a, b, **tol(precision))
@@ -155,11 +155,12 @@ def test_accelerate_deepspeed_plugin_with_hf_style_optimizer_and_scheduler_equal
     assert_same(ours, builtin(stage, "bf16", CLIP), "bf16")
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_a_step_we_skip_is_skipped_for_the_engine_and_our_norm_is_reported(world, builtin, stage):
-    """No scheduler step and engine.skipped_steps counts it; get_global_grad_norm() gives our norm."""
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_a_step_we_skip_is_skipped_for_the_engine_and_our_norm_is_reported(world, stage):
+    """No scheduler step and engine.skipped_steps counts it; get_global_grad_norm() gives our norm
+    (at ZeRO-0 DeepSpeed's own optimizer reports none, so ZeRO-1's figure, the same norm, is used)."""
     results = world.run(routes.run_skip_reported, stage)
-    ref_norm = world.run(routes.run, "builtin", stage, "fp32", CLIP, steps=1)
+    ref_norm = world.run(routes.run, "builtin", max(stage, 1), "fp32", CLIP, steps=1)
     for skipped, lrs, norm, ours_skipped in results:
         assert skipped == 1 and ours_skipped == 1
         assert lrs[1] == lrs[0]  # the skipped step did not advance the warm-up
