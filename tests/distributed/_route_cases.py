@@ -502,3 +502,23 @@ def run_nan_on_the_last_rank(layout: str, name: str, param: str):
         torch.equal(before[1][n][k], after[1][n][k]) for n in before[1] for k in before[1][n]
     ) and all(before[1][n].keys() == after[1][n].keys() for n in before[1])
     return opt.skipped_steps, same_params, same_state
+
+
+def assert_same_as_torch(results, tol: dict, norm_rel: float, *, clip: float | None) -> None:
+    """Every rank: params, the state keys torch keeps (ours may keep more, e.g. lookahead_step) and,
+    when ``clip`` is given, the grad norm of every step (each above ``clip``: clipping really was
+    active), equal to torch.optim's within ``tol`` / ``norm_rel``."""
+    import pytest
+
+    for rank_result in results:
+        (params, state, norms), (ref_params, ref_state, ref_norms) = rank_result["ours"], rank_result["torch"]
+        assert params.keys() == ref_params.keys()
+        for name in ref_params:
+            torch.testing.assert_close(params[name], ref_params[name], **tol, msg=lambda m: f"{name}: {m}")
+        for name, ref in ref_state.items():
+            assert ref.keys() <= state[name].keys(), (name, sorted(state[name]), sorted(ref))
+            for key in ref:
+                torch.testing.assert_close(state[name][key], ref[key], **tol, msg=lambda m: f"{name}.{key}: {m}")
+        if clip is not None:
+            assert min(ref_norms) > clip
+            assert norms == pytest.approx(ref_norms, rel=norm_rel)

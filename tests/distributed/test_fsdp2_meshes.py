@@ -51,17 +51,7 @@ def runs(world):
 
 
 def assert_same_as_torch(results):
-    for rank_result in results:
-        (params, state, norms), (ref_params, ref_state, ref_norms) = rank_result["ours"], rank_result["torch"]
-        assert params.keys() == ref_params.keys()
-        for name in ref_params:
-            torch.testing.assert_close(params[name], ref_params[name], **SAME_SETUP, msg=lambda m: f"{name}: {m}")
-        for name, ref in ref_state.items():
-            assert ref.keys() <= state[name].keys(), (name, sorted(state[name]), sorted(ref))
-            for key in ref:
-                torch.testing.assert_close(state[name][key], ref[key], **SAME_SETUP, msg=lambda m: f"{name}.{key}: {m}")
-        assert min(ref_norms) > CLIP  # clipping really was active
-        assert norms == pytest.approx(ref_norms, rel=NORM_REL)
+    cases.assert_same_as_torch(results, SAME_SETUP, NORM_REL, clip=CLIP)
 
 
 def assert_same_as_one_process(results, layout, name):

@@ -33,20 +33,7 @@ world = world_fixture(WORLD)
 
 
 def assert_same_as_torch(results, *, clipping: bool = False):
-    """Every rank: params, the state keys torch keeps (ours may keep more, e.g. lookahead_step) and,
-    with clipping, the grad norm of every step, equal to torch.optim's within SAME_SETUP."""
-    for rank_result in results:
-        (params, state, norms), (ref_params, ref_state, ref_norms) = rank_result["ours"], rank_result["torch"]
-        assert params.keys() == ref_params.keys()
-        for name in ref_params:
-            torch.testing.assert_close(params[name], ref_params[name], **SAME_SETUP, msg=lambda m: f"{name}: {m}")
-        for name, ref in ref_state.items():
-            assert ref.keys() <= state[name].keys(), (name, sorted(state[name]), sorted(ref))
-            for key in ref:
-                torch.testing.assert_close(state[name][key], ref[key], **SAME_SETUP, msg=lambda m: f"{name}.{key}: {m}")
-        if clipping:
-            assert min(ref_norms) > CLIP  # clipping really was active
-            assert norms == pytest.approx(ref_norms, rel=NORM_REL)
+    cases.assert_same_as_torch(results, SAME_SETUP, NORM_REL, clip=CLIP if clipping else None)
 
 
 @pytest.mark.parametrize(
