@@ -8,7 +8,6 @@ the module's loader so the callback runs once the module body has executed.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 import warnings
 from collections.abc import Callable
@@ -43,9 +42,16 @@ class _AfterImport(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path, target=None):
         if fullname != self.name:
             return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None:
+        for finder in sys.meta_path:  # whoever would have found it (site-packages, editable installs, ...)
+            if finder is self or isinstance(finder, _AfterImport) or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
             return None
+        if spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
         spec.loader = _CallbackLoader(spec.loader, self.callback)
         return spec
 
