@@ -9,6 +9,7 @@ with ``grad_scale = clip coefficient x (-1 if maximize)``, so no pass ever write
 
 from __future__ import annotations
 
+import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -53,9 +54,9 @@ class FusedOptimizer(Optimizer):
         self.nonfinite = _checks.one_of("nonfinite", nonfinite, _checks.NONFINITE_MODES)
         self.backend = _checks.one_of("backend", backend, _checks.BACKENDS)
         self._check_group(defaults)
-        # ids of the params we were given (alive as long as the model is): a plain param that is
-        # not among them was swapped in by a wrapper (ZeRO's flat partitions, fp32 master copies).
-        self._given_params: set[int] = set()
+        # The params we were given, held weakly and matched by identity: a plain param that is not
+        # among them was swapped in by a wrapper (ZeRO's flat partitions, fp32 master copies).
+        self._given_params: weakref.WeakValueDictionary[int, torch.Tensor] = weakref.WeakValueDictionary()
         self._binding_pending = False
         super().__init__(params, defaults)
         self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
@@ -86,7 +87,7 @@ class FusedOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
-        self._given_params.update(id(p) for p in self.param_groups[-1]["params"])
+        self._given_params.update((id(p), p) for p in self.param_groups[-1]["params"])
 
     def bind_params(self, process_group: Any) -> None:
         """For an integration that has replaced the params with its own (DeepSpeed's flat fp32
@@ -94,7 +95,7 @@ class FusedOptimizer(Optimizer):
         reduce over ``process_group`` (their partitions are disjoint across it), or stay local with
         None (the new params are replicas, identical on every rank)."""
         self.process_group = process_group
-        self._given_params.update(id(p) for g in self.param_groups for p in g["params"])
+        self._given_params.update((id(p), p) for g in self.param_groups for p in g["params"])
         self._binding_pending = False
 
     def expect_binding(self) -> None:
@@ -172,7 +173,7 @@ class FusedOptimizer(Optimizer):
         partitions: local statistics would clip and skip per rank, so refuse instead."""
         if self._binding_pending or any(is_dtensor(g) for g in grads):
             return
-        swapped = sum(id(p) not in self._given_params for _, params, _ in work for p in params)
+        swapped = sum(self._given_params.get(id(p)) is not p for _, params, _ in work for p in params)
         if swapped:
             raise ValueError(
                 f"process_group=None: {type(self).__name__} steps {swapped} tensor(s) it was not given "
