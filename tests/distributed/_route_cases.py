@@ -522,3 +522,36 @@ def assert_same_as_torch(results, tol: dict, norm_rel: float, *, clip: float | N
         if clip is not None:
             assert min(ref_norms) > clip
             assert norms == pytest.approx(ref_norms, rel=norm_rel)
+
+
+def step_collectives(layout: str) -> list[tuple[str, int]]:
+    """The collectives one ``step()`` of ours issues with clipping on, for a layout: (name, group
+    size) of each. ``per_block`` is the world-wide per-block ``fully_shard`` without a mesh."""
+    net = make_model()
+    if layout == "hsdp":
+        net, index, n_data = hsdp_shard(net), dist.get_rank(), dist.get_world_size()
+    elif layout == "tp":
+        net, index, n_data = tp_fsdp_shard(net)
+    else:
+        net, index, n_data = shard_per_block(net), dist.get_rank(), dist.get_world_size()
+    opt = ours("AdamW", param_groups(net, two_groups=True), max_grad_norm=0.05)
+    ids, targets = global_batch(0, n_data)
+    lm_loss(net, data_slice(ids, index, n_data), data_slice(targets, index, n_data)).backward()
+    seen = []
+    originals = {name: getattr(dist, name) for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter_tensor",
+                                                         "all_gather_into_tensor", "barrier")}
+
+    def counting(name):
+        def call(*args, group=None, **kwargs):
+            seen.append((name, dist.get_world_size(group)))
+            return originals[name](*args, group=group, **kwargs)
+        return call
+
+    for name in originals:
+        setattr(dist, name, counting(name))
+    try:
+        opt.step()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+    return seen

@@ -136,3 +136,10 @@ def test_pipeline_stages_need_their_group_and_then_clip_by_the_norm_over_all_sta
         assert "pipeline stages" in err and "process_group=" in err
     for ours, total in world.run(_zero_pp_cases.run_pipeline_stages, "world", CLIP):
         assert ours == pytest.approx(total, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["per_block", "hsdp", "tp"])
+def test_one_step_with_clipping_is_one_all_reduce_over_the_world(world, layout):
+    """Norm and non-finite flag travel together: one all-reduce per step, over every rank the
+    params' meshes span (the world here), whatever the layout."""
+    assert world.run(cases.step_collectives, layout) == [[("all_reduce", WORLD)]] * WORLD
