@@ -90,6 +90,7 @@ class GradLayout:
 
     def __init__(self) -> None:
         self._mesh_info: dict[Any, tuple[frozenset[int], tuple[int, ...]]] = {}
+        self._groups: dict[tuple[Any, ...], Any] = {}
 
     def _info(self, mesh: Any) -> tuple[frozenset[int], tuple[int, ...]]:
         info = self._mesh_info.get(mesh)
@@ -108,7 +109,10 @@ class GradLayout:
             return explicit_group, frozenset(dist.get_process_group_ranks(explicit_group)), span
         if not meshes:
             return None, None, span
-        return _group_for(span, meshes), span, span
+        key = tuple(meshes)
+        if key not in self._groups:
+            self._groups[key] = _group_for(span, meshes)
+        return self._groups[key], span, span
 
     def counted_here(
         self, grad: torch.Tensor, explicit: bool, group_ranks: frozenset[int] | None, span: frozenset[int]
