@@ -24,6 +24,8 @@ import torch
 import cpu_kernels
 import dist_optim.functional as F
 from dist_optim.functional._common import fused_kernels, resolve_backend
+from tests.kernels import _against_torch as shared
+from tests.kernels._against_torch import assert_match, clone
 from tests.optim._factories import CONFIGS
 from tests.optim._setup import make_params, run
 
@@ -35,50 +37,14 @@ pytestmark = pytest.mark.skipif(
 SIZES = [1, 7, 1003, 0, 601, 70001]
 DTYPES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32)]
 DTYPE_IDS = ["fp32", "bf16", "fp16", "bf16-fp32grad"]
-POSITIVE = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")
 
 
-def make(dtype, state_keys, *, grad_dtype=None, seed=0, sizes=SIZES):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
-    grads = [torch.randn(n, generator=gen).to(grad_dtype or dtype) for n in sizes]
-    states = {}
-    for key in state_keys:
-        values = [torch.randn(n, generator=gen) for n in sizes]
-        states[key] = [v.abs() for v in values] if key in POSITIVE else values
-    return params, grads, states
+def make(dtype, state_keys, *, sizes=SIZES, **kw):
+    return shared.make(dtype, "cpu", state_keys, sizes=sizes, **kw)
 
 
-def clone(params, grads, states):
-    return [p.clone() for p in params], [g.clone() for g in grads], {k: [t.clone() for t in v] for k, v in states.items()}
-
-
-def assert_match(ours, ref, state_rtol=2e-6):
-    (p1, _, s1), (p2, _, s2) = ours, ref
-    for a, b in zip(p1, p2):
-        assert a.dtype == b.dtype
-        if a.dtype == torch.float32:
-            torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
-        else:
-            eps = torch.finfo(a.dtype).eps
-            torch.testing.assert_close(a.float(), b.float(), rtol=eps, atol=eps * 1e-2)
-    for key in s1:
-        for a, b in zip(s1[key], s2[key]):
-            assert a.dtype == torch.float32
-            torch.testing.assert_close(a, b, rtol=state_rtol, atol=1e-6, msg=f"state {key!r}")
-
-
-def compare(step_fn, dtype, state_keys, *, steps=3, grad_dtype=None, data=None, state_rtol=2e-6):
-    data = make(dtype, state_keys, grad_dtype=grad_dtype) if data is None else data
-    ref = clone(*data)
-    for t in range(1, steps + 1):
-        if dtype != torch.float32:  # restart from the reference's values: compare one step at a time
-            data = clone(*ref)
-        step_fn(*data, t=t, backend="cpu")
-        step_fn(*ref, t=t, backend="torch")
-        if dtype != torch.float32:
-            assert_match(data, ref, state_rtol)
-    assert_match(data, ref, state_rtol)
+def compare(step_fn, dtype, state_keys, **kw):
+    shared.compare(step_fn, dtype, "cpu", state_keys, backend="cpu", sizes=SIZES, **kw)
 
 
 dtypes = pytest.mark.parametrize("dtype,grad_dtype", DTYPES, ids=DTYPE_IDS)
