@@ -236,13 +236,19 @@ def train(side: str, name: str, steps: int, *, route: str = "per_block", max_gra
         lm_loss(net, data_slice(ids, rank, world), data_slice(targets, rank, world), use_aux=uses_aux(step)).backward()
         if aux and not uses_aux(step):
             assert all(p.grad is None for p in net.aux.parameters()), "FSDP2 gave the unused branch a grad"
-        if side == "torch" and max_grad_norm is not None:
-            norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)))
-        opt.step()
-        opt.zero_grad()
-        if side == "ours":
-            norms.append(opt.last_grad_norm)
+        step_and_record_norm(side, net, opt, max_grad_norm, norms)
     return net, opt, norms
+
+
+def step_and_record_norm(side: str, net, opt, max_grad_norm, norms: list, clip=torch.nn.utils.clip_grad_norm_) -> None:
+    """One step after backward. torch's side clips first with ``clip`` (when ``max_grad_norm`` is set)
+    and records what it returns; ours clips inside ``step()`` and records ``last_grad_norm``."""
+    if side == "torch" and max_grad_norm is not None:
+        norms.append(float(clip(net.parameters(), max_grad_norm)))
+    opt.step()
+    opt.zero_grad()
+    if side == "ours":
+        norms.append(opt.last_grad_norm)
 
 
 def run_route_pair(name: str, steps: int, **kw):
@@ -370,12 +376,7 @@ def run_accelerate_swap(name: str, steps: int, max_grad_norm: float | None, tied
         for step in range(steps):
             ids, targets = global_batch(step, world)
             lm_loss(net, data_slice(ids, rank, world), data_slice(targets, rank, world)).backward()
-            if side == "torch" and max_grad_norm is not None:
-                norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)))
-            opt.step()
-            opt.zero_grad()
-            if side == "ours":
-                norms.append(opt.last_grad_norm)
+            step_and_record_norm(side, net, opt, max_grad_norm, norms)
         results[side] = (named_full_params(net), named_full_state(net, opt), norms)
     return results
 
@@ -435,13 +436,8 @@ def run_mesh_pair(layout: str, name: str, steps: int, max_grad_norm: float | Non
         for step in range(steps):
             ids, targets = global_batch(step, n_data)
             lm_loss(net, data_slice(ids, index, n_data), data_slice(targets, index, n_data)).backward()
-            if side == "torch" and max_grad_norm is not None:
-                clip = torch.nn.utils.clip_grad_norm_ if layout == "hsdp" else clip_across_meshes
-                norms.append(float(clip(net.parameters(), max_grad_norm)))
-            opt.step()
-            opt.zero_grad()
-            if side == "ours":
-                norms.append(opt.last_grad_norm)
+            clip = torch.nn.utils.clip_grad_norm_ if layout == "hsdp" else clip_across_meshes
+            step_and_record_norm(side, net, opt, max_grad_norm, norms, clip=clip)
         results[side] = (named_full_params(net), named_full_state(net, opt), norms)
         # Per param: its mesh's ndim and, per mesh dim, whether the param is replicated along it.
         results[side + "_layout"] = {
@@ -460,12 +456,7 @@ def one_process(name: str, steps: int, n_data: int, max_grad_norm: float | None,
     for step in range(steps):
         ids, targets = global_batch(step, n_data)
         lm_loss(net, ids, targets).backward()
-        if side == "torch" and max_grad_norm is not None:
-            norms.append(float(torch.nn.utils.clip_grad_norm_(net.parameters(), max_grad_norm)))
-        opt.step()
-        opt.zero_grad()
-        if side == "ours":
-            norms.append(opt.last_grad_norm)
+        step_and_record_norm(side, net, opt, max_grad_norm, norms)
     return named_full_params(net), norms
 
 

@@ -36,6 +36,17 @@ def assert_same_as_torch(results, *, clipping: bool = False):
     cases.assert_same_as_torch(results, SAME_SETUP, NORM_REL, clip=CLIP if clipping else None)
 
 
+def assert_resumed_exactly(params, state, params_r, state_r):
+    """The uninterrupted run and the resumed one hold the same params and state, bit for bit."""
+    assert params.keys() == params_r.keys() and state.keys() == state_r.keys()
+    for n in params:
+        assert torch.equal(params[n], params_r[n]), n
+    for n in state:
+        assert state[n].keys() == state_r[n].keys(), n
+        for key in state[n]:
+            assert torch.equal(state[n][key], state_r[n][key]), (n, key)
+
+
 @pytest.mark.parametrize(
     "name,max_grad_norm",
     [("AdamW", None), ("AdamW", CLIP), ("SGD", CLIP), ("Ranger", CLIP), ("Lookahead(AdamW)", None)],
@@ -111,14 +122,8 @@ def test_dcp_round_trip_resumes_exactly(world, tmp_path, name, flatten):
     ``StateDictOptions(flatten_optimizer_state_dict=flatten)``. Resuming continues bit for bit."""
     results = world.run(cases.run_dcp_round_trip, name, str(tmp_path / "ckpt"), 4, 3, flatten, CLIP)
     for (params, state, skipped), (params_r, state_r, skipped_r) in results:
-        assert params.keys() == params_r.keys() and skipped == skipped_r == 0
-        for n in params:
-            assert torch.equal(params[n], params_r[n]), n
-        assert state.keys() == state_r.keys()
-        for n in state:
-            assert state[n].keys() == state_r[n].keys(), n
-            for key in state[n]:
-                assert torch.equal(state[n][key], state_r[n][key]), (n, key)
+        assert skipped == skipped_r == 0
+        assert_resumed_exactly(params, state, params_r, state_r)
         if name != "AdamW":
             assert all("slow_buffer" in state[n] for n in state)  # slow weights went through DCP
 
@@ -133,16 +138,10 @@ def test_dcp_round_trip_with_frozen_and_gradless_params_resumes_exactly(world, t
     results = world.run(cases.run_dcp_round_trip, name, str(tmp_path / "ckpt"), 2, 3, True, CLIP, True, True)
     frozen = {"blocks.0.up.weight", "blocks.0.up.bias"}
     for (params, state, _), (params_r, state_r, _) in results:
-        for n in params:
-            assert torch.equal(params[n], params_r[n]), n
         # torch's set_state_dict loads no optimizer state for a param with requires_grad=False (by
         # design, torch/distributed/checkpoint/state_dict.py), so we keep none for them: everything
         # else must come back as it was.
-        assert state.keys() == state_r.keys()
-        for n in state:
-            assert state[n].keys() == state_r[n].keys(), n
-            for key in state[n]:
-                assert torch.equal(state[n][key], state_r[n][key]), (n, key)
+        assert_resumed_exactly(params, state, params_r, state_r)
         assert int(state_r["aux.weight"]["step"]) == sum(cases.uses_aux(s) for s in range(5))
         assert all(not state_r.get(n) for n in frozen)
 
