@@ -77,16 +77,6 @@ def build_from_config(spec: Mapping[str, Any], params: Any):
     return OPTIMIZERS[name](params, **kwargs)
 
 
-def _base(optimizer: Any):
-    return optimizer.optimizer if isinstance(optimizer, _optim.Lookahead) else optimizer
-
-
-def _ours(optimizer: Any):
-    """Our FusedOptimizer inside ``optimizer`` (itself or Lookahead's inner), else None."""
-    base = _base(optimizer)
-    return base if isinstance(base, _optim.FusedOptimizer) else None
-
-
 def _raw_config(engine: Any) -> dict:
     """The config as the user wrote it (DeepSpeed fills defaults into its parsed form)."""
     return getattr(engine._config, "_param_dict", None) or {}
@@ -96,7 +86,7 @@ def settle_clipping(engine: Any, optimizer: Any) -> None:
     """Before the engine builds its wrapper: decide who clips and skips (see the module doc)."""
     if isinstance(optimizer, _optim.LBFGS):
         raise ValueError("Invalid optimizer: LBFGS cannot run under DeepSpeed (the engine's step() takes no closure)")
-    base = _ours(optimizer)
+    base = _optim.fused_core(optimizer)
     if base is None:
         return
     raw = _raw_config(engine)
@@ -125,7 +115,7 @@ def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None
     needs it) and the user did not choose."""
     from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION  # the engine's name for this wrapper
 
-    base = _ours(optimizer)
+    base = _optim.fused_core(optimizer)
     zero = engine._config.zero_config
     if (
         base is None
@@ -143,7 +133,7 @@ def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None
 def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     """After the engine built its wrapper around ours: tell ours which ranks share its params, and
     let the wrapper report our decisions as its own."""
-    base = _ours(optimizer)
+    base = _optim.fused_core(optimizer)
     if base is None:
         return
     wrapper = engine.optimizer
@@ -223,11 +213,11 @@ def _patch_engine(engine_module: Any) -> None:
 
             def client_optimizer(params):  # a callable: DeepSpeed checks what it returns
                 built = factory(params)
-                if may_offload and _ours(built) is not None:
+                if may_offload and _optim.fused_core(built) is not None:
                     self._config.zero_force_ds_cpu_optimizer = False
                 return built
 
-        elif may_offload and client_optimizer is not None and _ours(client_optimizer) is not None:
+        elif may_offload and client_optimizer is not None and _optim.fused_core(client_optimizer) is not None:
             self._config.zero_force_ds_cpu_optimizer = False
         configure(self, client_optimizer, model_parameters)
         bind_to_wrapper(self, self.basic_optimizer)

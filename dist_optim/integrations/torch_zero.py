@@ -23,9 +23,9 @@ def _patch(module: Any) -> None:
 
     def _init_local_optimizer(self, *args: Any, **kwargs: Any) -> None:
         init_local(self, *args, **kwargs)
-        local = self.optim.optimizer if isinstance(self.optim, _optim.Lookahead) else self.optim
-        if isinstance(local, _optim.FusedOptimizer):
-            local.bind_params(self.process_group)
+        ours = _optim.fused_core(self.optim)
+        if ours is not None:
+            ours.bind_params(self.process_group)
 
     cls._init_local_optimizer = _init_local_optimizer
     cls._dist_optim_patched = True

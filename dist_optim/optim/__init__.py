@@ -4,7 +4,7 @@ from .adagrad import Adagrad
 from .adam import Adam, AdamW
 from .base import FusedOptimizer, NonFiniteGradientError
 from .lbfgs import LBFGS
-from .lookahead import Lookahead
+from .lookahead import Lookahead, fused_core
 from .radam import RAdam
 from .ranger import Ranger
 from .rmsprop import RMSprop
@@ -12,5 +12,5 @@ from .sgd import SGD
 
 __all__ = [
     "SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Lookahead", "Ranger", "LBFGS",
-    "FusedOptimizer", "NonFiniteGradientError",
+    "FusedOptimizer", "NonFiniteGradientError", "fused_core",
 ]

@@ -143,3 +143,10 @@ class Lookahead(Optimizer):
             lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self.optimizer._check_group),
             owner=self.optimizer,
         )
+
+
+def fused_core(optimizer: Any) -> FusedOptimizer | None:
+    """The FusedOptimizer doing the update: ``optimizer`` itself, the one a Lookahead wraps, or None
+    for anything else (integrations bind groups and settle clipping on it)."""
+    inner = optimizer.optimizer if isinstance(optimizer, Lookahead) else optimizer
+    return inner if isinstance(inner, FusedOptimizer) else None
