@@ -51,8 +51,9 @@ def counted_first(params: Sequence[torch.Tensor], group: Any) -> tuple[list[torc
             return layout.counted_here(p, False, ranks, span)
         return dist.get_rank() == min(span or ranks)
 
-    counted = [p for p in params if here(p)]
-    rest = [p for p in params if not here(p)]
+    flags = [here(p) for p in params]
+    counted = [p for p, c in zip(params, flags) if c]
+    rest = [p for p, c in zip(params, flags) if not c]
     return counted + rest, sum(local_tensor(p).numel() for p in counted)
 
 
