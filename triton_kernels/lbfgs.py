@@ -38,21 +38,19 @@ def _dots_kernel(V, H, OUT, n, rows, row_stride, NVEC: tl.constexpr, BLOCK: tl.c
 
 
 @triton.jit(do_not_specialize=["n", "rows", "row_stride"])
-def _combine_kernel(G, Y, S, WY, WS, D, n, rows, row_stride, c_g, BLOCK: tl.constexpr):
-    # Rows whose two weights are zero are not read: the rows not yet filled (and any the two-loop
-    # gives no weight), so an early step reads only the filled part of the history.
+def _combine_kernel(G, Y, S, W, D, n, rows, row_stride, c_g, BLOCK: tl.constexpr):
+    # ``rows`` is the filled part of the history: rows not yet written are never addressed, so the
+    # loop needs no test on the weights and an early step reads only what it has. W holds the Y
+    # weights then the S weights: one pointer, whose alignment does not change as the history grows
+    # (a second pointer at W + rows would compile a new variant whenever rows % 4 changes).
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     acc = tl.load(G + offs, mask=mask, other=0.0).to(tl.float32) * c_g
     stride = row_stride.to(tl.int64)
     for r in range(0, rows):
-        wy = tl.load(WY + r)
-        ws = tl.load(WS + r)
         row = r * stride
-        if wy != 0.0:
-            acc += wy * tl.load(Y + row + offs, mask=mask, other=0.0)
-        if ws != 0.0:
-            acc += ws * tl.load(S + row + offs, mask=mask, other=0.0)
+        acc += tl.load(W + r) * tl.load(Y + row + offs, mask=mask, other=0.0)
+        acc += tl.load(W + rows + r) * tl.load(S + row + offs, mask=mask, other=0.0)
     tl.store(D + offs, acc, mask=mask)
 
 
@@ -80,11 +78,16 @@ def history_dots(v: torch.Tensor, Y: torch.Tensor, S: torch.Tensor) -> tuple[tor
     return out[0], out[1]
 
 
-def combine(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, wy: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:
-    """c_g g + wy @ Y + ws @ S."""
+def combine(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, w: torch.Tensor) -> torch.Tensor:
+    """c_g g + w[0] @ Y + w[1] @ S for a contiguous (2, rows) fp32 ``w``, reading exactly the rows of
+    Y and S that are passed."""
     _check(g, Y, S)
+    if not (Y.shape[0] == S.shape[0]) or w.shape != (2, Y.shape[0]) or Y.stride(0) != S.stride(0):
+        raise ValueError("combine: Y and S must have the same rows and row stride, and w shape (2, rows)")
+    if w.dtype != torch.float32 or not w.is_contiguous():
+        raise ValueError("combine: the weights must be contiguous fp32")
     n = g.numel()
     d = torch.empty_like(g)
-    _launch.run(_combine_kernel, (triton.cdiv(n, BLOCK),), g.device, g, Y, S, wy, ws, d, n, Y.shape[0], Y.stride(0),
+    _launch.run(_combine_kernel, (triton.cdiv(n, BLOCK),), g.device, g, Y, S, w, d, n, Y.shape[0], Y.stride(0),
                 float(c_g), BLOCK=BLOCK)
     return d

@@ -58,7 +58,13 @@ def counted_first(params: Sequence[torch.Tensor], group: Any) -> tuple[list[torc
 
 
 class Reducer:
-    """Sums and maxima over the group in one all-reduce; counts its calls (for tests and benchmarks)."""
+    """Sums and maxima over the group in one all-reduce, read back to the host in one copy; counts
+    its calls (for tests and benchmarks).
+
+    The values arrive as tensors on the device they were computed on and stay there until the one
+    read: nothing is read one scalar at a time, and the payload moves to another device only where
+    the group's backend needs it (gloo takes CPU tensors), in one copy.
+    """
 
     def __init__(self, group: Any) -> None:
         self.group = group
@@ -67,17 +73,29 @@ class Reducer:
         self.calls = 0
         self.bytes = 0
 
-    def __call__(self, sums: Sequence[float | torch.Tensor], maxima: Sequence[float | torch.Tensor]) -> tuple[list[float], list[float]]:
-        parts = [torch.as_tensor(v, dtype=torch.float64).reshape(-1) for v in sums]
-        local_max = [float(v) for v in maxima]
+    def __call__(self, sums: Sequence[torch.Tensor], maxima: Sequence[torch.Tensor]) -> tuple[list[float], list[float]]:
+        """``sums``: tensors (any shape) whose elements are summed over ranks; ``maxima``: 0-d
+        tensors >= 0 maxed over ranks; all on one device. Returns both as flat lists of floats."""
+        device = (sums[0] if sums else maxima[0]).device
+        if any(v.device != device for v in (*sums, *maxima)):
+            raise ValueError(f"L-BFGS reduction: every value must be on {device}, got "
+                             f"{sorted({str(v.device) for v in (*sums, *maxima)})}")
+        parts = [v.reshape(-1).to(torch.float64) for v in sums]
+        peaks = torch.stack([v.to(torch.float64) for v in maxima]) if maxima else torch.zeros(0, dtype=torch.float64, device=device)
+        nmax = peaks.numel()
         if not active(self.group):
-            return torch.cat(parts).tolist() if parts else [], local_max
-        slots = torch.zeros(self.world, len(local_max), dtype=torch.float64)
-        slots[self.rank] = torch.tensor(local_max, dtype=torch.float64)
-        payload = torch.cat([*parts, slots.reshape(-1)]).to(device_for(self.group))
+            values = torch.cat([*parts, peaks]).tolist()
+            return values[:len(values) - nmax], values[len(values) - nmax:]
+        slots = torch.zeros(self.world, nmax, dtype=torch.float64, device=device)
+        slots[self.rank] = peaks
+        payload = torch.cat([*parts, slots.reshape(-1)])
+        target = device_for(self.group)
+        if payload.device != target:
+            payload = payload.to(target)
         dist.all_reduce(payload, op=dist.ReduceOp.SUM, group=self.group)
         self.calls += 1
         self.bytes += payload.numel() * payload.element_size()
-        payload = payload.cpu()
-        n = payload.numel() - slots.numel()
-        return payload[:n].tolist(), payload[n:].view(self.world, len(local_max)).max(dim=0).values.tolist()
+        values = payload.tolist()
+        n = len(values) - slots.numel()
+        per_rank = values[n:]
+        return values[:n], [max(per_rank[j::nmax]) for j in range(nmax)]

@@ -4,7 +4,8 @@ With the history s_i, y_i kept as rows of S and Y, and the current gradient g, t
 direction is a linear combination d = c_g g + sum_i c_y[i] y_i + sum_i c_s[i] s_i whose
 coefficients need only inner products: SY[i][j] = s_i.y_j, YY[i][j] = y_i.y_j, Sg[i] = s_i.g,
 Yg[i] = y_i.g and g.g. Those come from a few new dot products per iteration (one collective on
-sharded vectors); the recursion runs on host floats; the direction is one fused combination.
+sharded vectors, read to the host once with the loss and the convergence scalars); the recursion
+runs on those host values and the direction is one fused combination of the filled history rows.
 
 Also here: the strong-Wolfe line search on scalars (Nocedal & Wright, Algorithms 3.5/3.6, with
 torch.optim.LBFGS's cubic interpolation and bracketing rules), so a distributed run takes exactly
@@ -16,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from ._common import resolve_backend
@@ -28,49 +30,72 @@ def _triton(backend: str, g: torch.Tensor) -> bool:
 
 def two_loop(
     rows: Sequence[int],
-    SY: torch.Tensor,
-    YY: torch.Tensor,
-    Sg: torch.Tensor,
-    Yg: torch.Tensor,
+    SY: np.ndarray,
+    YY: np.ndarray,
+    Sg: np.ndarray,
+    Yg: np.ndarray,
     gg: float,
     h_diag: float,
-) -> tuple[float, dict[int, float], dict[int, float], float]:
-    """Coefficients (c_g, c_y, c_s) of the L-BFGS direction -H g for history ``rows`` (oldest
-    first; SY/YY/Sg/Yg are float64 and indexed by row), and g.d."""
-    al: dict[int, float] = {}
-    for i in reversed(rows):  # first loop: q = -g - sum_{j>i} al_j y_j;  al_i = ro_i s_i.q
-        sq = -float(Sg[i]) - sum(al[j] * float(SY[i, j]) for j in al)
-        al[i] = sq / float(SY[i, i])
-    # r = H q;  second loop: be_i = ro_i y_i.r;  r += (al_i - be_i) s_i
+) -> tuple[float, np.ndarray, np.ndarray, float]:
+    """Coefficients (c_g, c_y, c_s) of the L-BFGS direction -H g, and g.d.
+
+    ``rows``: the filled history rows, oldest first — a permutation of 0..k-1, since the history
+    fills from row 0 and then reuses rows in place. SY, YY (k' x k', k' >= k), Sg, Yg are float64
+    host arrays indexed by row; only the filled rows are read. c_y and c_s come back indexed by row
+    (length k), ready to weight history rows 0..k-1.
+
+    Everything here is host arithmetic on values the evaluation's one reduction already brought
+    back, so the recursion waits on no device.
+    """
+    idx = np.asarray(rows, dtype=np.intp)
+    k = idx.size
+    sy, yy = SY[np.ix_(idx, idx)], YY[np.ix_(idx, idx)]  # in history order: sy[a, b] = s_a . y_b
+    sg, yg = Sg[idx], Yg[idx]
+    al = np.zeros(k)
+    for a in range(k - 1, -1, -1):  # first loop: q = -g - sum_{b>a} al_b y_b;  al_a = ro_a s_a.q
+        al[a] = (-sg[a] - al[a + 1:] @ sy[a, a + 1:]) / sy[a, a]
+    # r = H q;  second loop: be_a = ro_a y_a.r;  r += (al_a - be_a) s_a
     c_g = -h_diag
-    c_y = {j: -h_diag * al[j] for j in rows}
-    c_s: dict[int, float] = {}
-    for i in rows:
-        yq = -float(Yg[i]) - sum(al[j] * float(YY[i, j]) for j in rows)
-        yr = h_diag * yq + sum(c_s[j] * float(SY[j, i]) for j in c_s)
-        c_s[i] = al[i] - yr / float(SY[i, i])
-    gd = c_g * gg + sum(c_y[j] * float(Yg[j]) for j in rows) + sum(c_s[j] * float(Sg[j]) for j in rows)
-    return c_g, c_y, c_s, gd
+    c_y = -h_diag * al
+    yq = -yg - yy @ al  # y_a.q for the final q
+    c_s = np.zeros(k)
+    for a in range(k):
+        yr = h_diag * yq[a] + c_s[:a] @ sy[:a, a]
+        c_s[a] = al[a] - yr / sy[a, a]
+    gd = c_g * gg + float(c_y @ yg) + float(c_s @ sg)
+    by_row_y, by_row_s = np.empty(k), np.empty(k)
+    by_row_y[idx], by_row_s[idx] = c_y, c_s
+    return c_g, by_row_y, by_row_s, gd
+
+
+def to_device(values: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Host values as a tensor of ``like``'s dtype on its device, without waiting for the device:
+    a blocking host-to-device copy would synchronise the stream, so CUDA gets a pinned buffer and a
+    non-blocking copy (the caching host allocator keeps the buffer until the copy has run)."""
+    host = torch.from_numpy(np.ascontiguousarray(values)).to(like.dtype)
+    if like.device.type == "cuda":
+        return host.pin_memory().to(like.device, non_blocking=True)
+    return host if like.device.type == "cpu" else host.to(like.device)
 
 
 def combine(
-    g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, c_y: dict[int, float], c_s: dict[int, float],
+    g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, c_g: float, c_y: np.ndarray, c_s: np.ndarray,
     *, backend: str = "torch",
 ) -> torch.Tensor:
-    """d = c_g g + sum c_y[i] Y[i] + sum c_s[i] S[i], in one pass over the history."""
-    m = Y.shape[0]
-    wy = torch.zeros(m, dtype=g.dtype, device=g.device)
-    ws = torch.zeros(m, dtype=g.dtype, device=g.device)
-    for i, c in c_y.items():
-        wy[i] = c
-    for i, c in c_s.items():
-        ws[i] = c
+    """d = c_g g + sum_i c_y[i] Y[i] + sum_i c_s[i] S[i] over the k rows of Y and S (the filled part
+    of the history; c_y, c_s of length k), in one pass over them."""
+    k = Y.shape[0]
+    if S.shape[0] != k or len(c_y) != k or len(c_s) != k:
+        raise ValueError(f"combine: {k} rows of Y, {S.shape[0]} of S, {len(c_y)} and {len(c_s)} weights")
+    if k == 0:
+        return g * c_g
+    w = to_device(np.stack([c_y, c_s]), g)  # one copy for both weight vectors
     if _triton(backend, g):
         import triton_kernels.lbfgs as kernels
 
-        return kernels.combine(g, Y, S, c_g, wy, ws)
-    d = torch.addmv(g * c_g, Y.t(), wy)
-    return torch.addmv(d, S.t(), ws)
+        return kernels.combine(g, Y, S, c_g, w)
+    d = torch.addmv(g * c_g, Y.t(), w[0])
+    return torch.addmv(d, S.t(), w[1])
 
 
 def history_dots(g: torch.Tensor, Y: torch.Tensor, S: torch.Tensor, *, backend: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:

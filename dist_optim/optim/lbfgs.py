@@ -7,6 +7,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
@@ -19,9 +20,14 @@ LINE_SEARCHES = (None, "strong_wolfe")
 CURVATURE_EPS = 1e-10  # a pair (s, y) enters the history only when y.s exceeds this, as in torch
 
 
+def _no_rows() -> np.ndarray:
+    return np.zeros(0)
+
+
 @dataclass
 class _Eval:
-    """One closure evaluation and the global scalars it brought back."""
+    """One closure evaluation and the global scalars it brought back (host values: the one read of
+    the evaluation's reduction)."""
 
     loss: Any  # what the closure returned (rank-local)
     f: float  # the loss averaged over ranks
@@ -35,11 +41,12 @@ class _Eval:
     yy: float = 0.0
     sg: float = 0.0
     yg: float = 0.0
-    Sg: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))  # S g, Y g, S y, Y y, Y s
-    Yg: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    Sy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    Yy: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
-    Ys: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.float64))
+    # S g, Y g, S y, Y y, Y s: float64, indexed by history row (history_size long, filled rows set)
+    Sg: np.ndarray = field(default_factory=_no_rows)
+    Yg: np.ndarray = field(default_factory=_no_rows)
+    Sy: np.ndarray = field(default_factory=_no_rows)
+    Yy: np.ndarray = field(default_factory=_no_rows)
+    Ys: np.ndarray = field(default_factory=_no_rows)
 
 
 class LBFGS(Optimizer):
@@ -134,12 +141,22 @@ class LBFGS(Optimizer):
 
     # --- one closure evaluation, one collective ------------------------------------------------------
     def _evaluate(self, closure, d, t, g_prev, hist) -> _Eval:
+        """Run the closure and bring back every scalar the next decisions need in one reduction and
+        one host read: nothing else in an iteration reads a device value."""
         loss = closure()
         g = self._flat_grad()
         c = self._counted
         gc = g[:c]
-        local_max = [float(g.abs().max()) if g.numel() else 0.0, float(d.abs().max()) if d is not None and d.numel() else 0.0]
-        sums: list = [float(loss), gc @ gc, gc.abs().sum()]
+        zero = g.new_zeros((), dtype=torch.float64)
+        if isinstance(loss, torch.Tensor):
+            f = loss.detach().to(torch.float64).reshape(())
+            if f.device != g.device:  # a loss computed elsewhere: one copy, into the same payload
+                f = f.to(g.device)
+        else:
+            f = zero + float(loss)  # a Python number from the closure: nothing to wait for
+        local_max = [g.abs().max() if g.numel() else zero,
+                     d.abs().max() if d is not None and d.numel() else zero]
+        sums: list = [f, gc @ gc, gc.abs().sum()]
         paired = d is not None and g_prev is not None
         if paired:
             dc = d[:c]
@@ -162,9 +179,9 @@ class LBFGS(Optimizer):
             rest = rest[5:]
         if hist is not None:
             m, k = hist[0].shape[0], hist[2]
-            vectors = torch.zeros(5 if paired else 2, m, dtype=torch.float64)
+            vectors = np.zeros((5 if paired else 2, m))
             if k:
-                vectors[:, :k] = torch.tensor(rest, dtype=torch.float64).view(-1, k)
+                vectors[:, :k] = np.asarray(rest, dtype=np.float64).reshape(-1, k)
             ev.Sg, ev.Yg = vectors[0], vectors[1]
             if paired:
                 ev.Sy, ev.Yy, ev.Ys = vectors[2], vectors[3], vectors[4]
@@ -188,7 +205,8 @@ class LBFGS(Optimizer):
     def _append(state: dict, ev: _Eval, d: torch.Tensor, t: float, g_prev: torch.Tensor) -> None:
         """Add the pair (s = t d, y = g - g_prev) to the history (evicting the oldest when full) and
         its inner products to the Gram matrices, and extend ev's S g / Y g with the new row."""
-        S, Y, SY, YY, rows = state["S"], state["Y"], state["SY"], state["YY"], state["rows"]
+        S, Y, rows = state["S"], state["Y"], state["rows"]
+        SY, YY = state["SY"].numpy(), state["YY"].numpy()  # host tensors: views, no copy
         m = S.shape[0]
         r = rows.pop(0) if len(rows) == m else len(rows)
         torch.mul(d, t, out=S[r])
@@ -229,18 +247,16 @@ class LBFGS(Optimizer):
         while n_iter < max_iter:
             n_iter += 1
             state["n_iter"] += 1
-            if state["n_iter"] == 1:
+            if state["n_iter"] == 1:  # an empty history: d = -g
                 self._history(state, ev.g.numel(), ev.g.device, m)
-                ev.Sg = torch.zeros(m, dtype=torch.float64)
-                ev.Yg = torch.zeros(m, dtype=torch.float64)
-                coeffs = (-1.0, {}, {})
-                gtd = -ev.gg
-            else:
-                if ev.ys > CURVATURE_EPS:
-                    self._append(state, ev, d, t, g_prev)
-                c_g, c_y, c_s, gtd = two_loop(state["rows"], state["SY"], state["YY"], ev.Sg, ev.Yg, ev.gg, state["H_diag"])
-                coeffs = (c_g, c_y, c_s)
-            d = combine(ev.g, state["Y"], state["S"], *coeffs, backend=self.backend)
+                ev.Sg, ev.Yg = np.zeros(m), np.zeros(m)
+            elif ev.ys > CURVATURE_EPS:
+                self._append(state, ev, d, t, g_prev)
+            rows = state["rows"]
+            c_g, c_y, c_s, gtd = two_loop(rows, state["SY"].numpy(), state["YY"].numpy(), ev.Sg, ev.Yg, ev.gg,
+                                          state["H_diag"])
+            k = len(rows)  # rows 0..k-1 are the filled ones; the rest are never read
+            d = combine(ev.g, state["Y"][:k], state["S"][:k], c_g, c_y, c_s, backend=self.backend)
             hist = self._hist(state)
             g_prev = ev.g.clone()
             prev_loss = ev.f

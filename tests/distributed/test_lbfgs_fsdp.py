@@ -48,3 +48,22 @@ def test_resume_from_state_dict_continues_the_same_trajectory(world):
         assert l1 == l2
         for a, b in zip(p1, p2):
             assert torch.equal(a, b)
+
+
+def test_reducer_takes_one_device_and_reads_once():
+    """The reduction's values stay on the device they were computed on until its one read: values
+    from two devices are refused (a CPU scalar next to CUDA dot products would be a host sync, or
+    a failed cat), and one process gets its sums and maxima back from a single tolist()."""
+    from dist_optim.distributed.lbfgs_comm import Reducer
+
+    reduce = Reducer(None)
+    with pytest.raises(ValueError, match="every value must be on cpu"):
+        reduce([torch.ones(2), torch.ones((), device="meta")], [torch.ones(())])
+    reads = []
+    real = torch.Tensor.tolist
+    torch.Tensor.tolist = lambda self: reads.append(1) or real(self)
+    try:
+        sums, maxima = reduce([torch.tensor(2.5, dtype=torch.float32), torch.arange(3.0)], [torch.tensor(4.0), torch.tensor(0.5)])
+    finally:
+        torch.Tensor.tolist = real
+    assert (sums, maxima, len(reads)) == ([2.5, 0.0, 1.0, 2.0], [4.0, 0.5], 1)

@@ -1,5 +1,6 @@
 """L-BFGS in one process equals torch.optim.LBFGS (both line-search modes) on convex problems, finds
-Rosenbrock's minimum, resumes from its state_dict, and refuses bad input.
+Rosenbrock's minimum, resumes from its state_dict, and refuses bad input; an iteration reads device
+values once per closure evaluation and only the filled history rows.
 
 The same algorithm computes in another order (float64 inner products and one combination for the
 direction, where torch runs fp32 vector ops), so: in float64, params and losses agree to rtol 1e-9;
@@ -11,6 +12,8 @@ both reach the same minimum.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 
 import pytest
@@ -156,3 +159,104 @@ def test_step_without_closure_and_several_groups_are_refused():
         dist_optim.LBFGS([p]).step()
     with pytest.raises(ValueError, match="one param group"):
         dist_optim.LBFGS([{"params": [p]}, {"params": [torch.zeros(1, requires_grad=True)]}])
+
+
+@contextlib.contextmanager
+def counting_host_reads(counts: collections.Counter):
+    """Count the calls that read a tensor's value on the host (on a GPU: a device-to-host copy and
+    a wait), as benchmarks/host_overhead.py does, and ``torch.tensor`` (a blocking host-to-device
+    copy on CUDA)."""
+    originals = {}
+
+    def wrap(owner, name, key, predicate=None):
+        original = getattr(owner, name)
+        originals[(owner, name)] = original
+
+        def counted(*args, **kwargs):
+            if predicate is None or predicate(*args, **kwargs):
+                counts[key] += 1
+            return original(*args, **kwargs)
+
+        setattr(owner, name, counted)
+
+    def to_cpu(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
+
+    for name in ("item", "__int__", "__float__", "__bool__", "tolist", "cpu"):
+        wrap(torch.Tensor, name, name)
+    wrap(torch.Tensor, "to", 'to("cpu")', to_cpu)
+    wrap(torch, "tensor", "torch.tensor")
+    try:
+        yield
+    finally:
+        for (owner, name), original in originals.items():
+            setattr(owner, name, original)
+
+
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+@pytest.mark.parametrize("history_size", [3, 100])
+def test_one_host_read_per_closure_evaluation(history_size, line_search_fn):
+    """Every scalar an evaluation brings back (loss, max-norms, the history's inner products) comes
+    in one read; the two-loop, the direction and the line search's arithmetic read nothing more, so
+    an iteration reads once per closure evaluation (once without a line search), whatever the history
+    size. The history wraps around at size 3."""
+    loss_fn, init = logistic_problem()
+    params = [p.clone().requires_grad_() for p in init]
+    opt = dist_optim.LBFGS(params, lr=1, max_iter=8, history_size=history_size, line_search_fn=line_search_fn,
+                           tolerance_grad=0, tolerance_change=0, backend="torch")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        return loss
+
+    state = opt.state.setdefault(params[0], {})
+    for _ in range(3):
+        evals, iters = state.get("func_evals", 0), state.get("n_iter", 0)
+        counts = collections.Counter()
+        with counting_host_reads(counts):
+            opt.step(closure)
+        evals, iters = state["func_evals"] - evals, state["n_iter"] - iters
+        assert (evals >= iters >= 1) if line_search_fn else (evals == iters == 8)
+        assert counts == {"tolist": evals}, counts
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
+def test_only_filled_history_rows_are_read(line_search_fn, backend):
+    """history_size=100 filled a few rows at a time: NaN in every row not yet filled (history vectors
+    and Gram matrices) changes nothing, bit for bit, so neither the two-loop, the dot products nor
+    the direction (torch, or the Triton kernels under the interpreter) read past the filled rows."""
+    import triton_kernels
+
+    if backend == "triton" and not triton_kernels.supports(torch.device("cpu")):
+        pytest.skip("needs the Triton interpreter")
+    kw = dict(lr=1, max_iter=3, history_size=100, line_search_fn=line_search_fn, backend=backend)
+    clean, clean_losses, _ = run(dist_optim.LBFGS, logistic_problem(), 4, **kw)
+
+    loss_fn, init = logistic_problem()
+    params = [p.clone().requires_grad_() for p in init]
+    opt = dist_optim.LBFGS(params, **kw)
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(params)
+        loss.backward()
+        return loss
+
+    losses, filled = [], []
+    for _ in range(4):
+        losses.append(float(opt.step(closure)))
+        state = opt.state[params[0]]
+        k = len(state["rows"])
+        filled.append(k)
+        for name in ("S", "Y", "SY", "YY"):
+            state[name][k:] = float("nan")
+        for name in ("SY", "YY"):
+            state[name][:, k:] = float("nan")
+    assert 0 < filled[-1] < 100 and filled == sorted(filled)
+    for a, b in zip(params, clean):
+        assert torch.equal(a, b)
+    assert losses == clean_losses
