@@ -9,21 +9,18 @@ grad-statistics handling. The layout is a 1.01B-param GPT's 220 tensors. Element
 down (``--scale``), because the host work depends on how many tensors there are, not on their size,
 once the launch tables are cached.
 
-Besides the median time per step, it counts the host reads of tensor values, by wrapping
-``.item()``, ``int()``, ``float()``, ``bool()``, ``.tolist()``, ``.cpu()`` and ``.to("cpu")``, and the
+Besides the median time per step, it counts the host reads of tensor values (``.item()``,
+``int()``, ``float()``, ``bool()``, ``.tolist()``, ``.cpu()``, ``.to("cpu")``) and the
 ``torch.tensor(...)`` calls (a table built from a Python list is a blocking host-to-device copy on
-CUDA). On a GPU the ``int()`` reads are of the per-param step counters, which live on the CPU as in
-torch: Python time, no wait. The others read the grad statistics, one device-to-host copy and wait
-per step. With clipping, the grad statistics'
-kernel is stubbed to return zeros, so the step is applied rather than skipped.
-The figures are a lower bound for a GPU host: there each table or scalar copy also waits on the
-device.
+CUDA), with ``dist_optim.host_work`` (the same counters tests/kernels/test_sync_free.py asserts on).
+``compile_kernels()`` builds the state first, so every measured step is a steady-state (device
+flow) step. The figures are a lower bound for a GPU host, where each launch also costs the driver's
+few microseconds.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
@@ -37,8 +34,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the launchers' device check, b
 import torch  # noqa: E402
 
 import dist_optim  # noqa: E402
-import triton_kernels  # noqa: E402
-from triton_kernels import _launch  # noqa: E402
+from dist_optim.host_work import counting_host_reads, stubbed_launches  # noqa: E402
 
 LAYERS, D_MODEL, VOCAB = 24, 1792, 50304  # 220 tensors, 1.01B params
 
@@ -57,64 +53,16 @@ def scaled(shape: tuple[int, ...], scale: int) -> tuple[int, ...]:
     return (max(1, shape[0] // scale), *shape[1:]) if len(shape) > 1 else (max(1, shape[0] // scale),)
 
 
-@contextlib.contextmanager
-def counting_host_reads(counts: Counter):
-    """Wrap the calls that would make a GPU step wait for the device."""
-    originals = {}
-
-    def wrap(owner, name, key, predicate=None):
-        original = getattr(owner, name)
-        originals[(owner, name)] = original
-
-        def counted(*args, **kwargs):
-            if predicate is None or predicate(*args, **kwargs):
-                counts[key] += 1
-            return original(*args, **kwargs)
-
-        setattr(owner, name, counted)
-
-    def to_cpu(self, *args, **kwargs):
-        target = kwargs.get("device", args[0] if args else None)
-        return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
-
-    for name in ("item", "__int__", "__float__", "__bool__", "tolist", "cpu"):
-        wrap(torch.Tensor, name, name)
-    wrap(torch.Tensor, "to", 'to("cpu")', to_cpu)
-    wrap(torch, "tensor", "torch.tensor")
-    try:
-        yield
-    finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
-
-
-@contextlib.contextmanager
-def stubbed_launches(launches: Counter):
-    real_run, real_sumsq = _launch.run, triton_kernels.sumsq_nonfinite
-
-    def run(kernel, grid, device, *args, compile_only=False, **kwargs):
-        launches[getattr(kernel, "__name__", str(kernel))] += 1
-
-    def sumsq(grads):
-        launches["sumsq (stubbed)"] += 1
-        return torch.zeros(2, dtype=torch.float32)
-
-    _launch.run, triton_kernels.sumsq_nonfinite = run, sumsq
-    try:
-        yield
-    finally:
-        _launch.run, triton_kernels.sumsq_nonfinite = real_run, real_sumsq
-
-
 def measure(name: str, steps: int, scale: int, **opt_kw) -> dict:
     torch.manual_seed(0)
     params = [torch.zeros(scaled(s, scale), dtype=torch.bfloat16, requires_grad=True) for s in gpt_layout()]
     for p in params:
         p.grad = torch.randn_like(p)
     opt = getattr(dist_optim, name)(params, backend="triton", **opt_kw)
+    opt.compile_kernels()  # builds the state: every step below is a steady-state one
     launches: Counter = Counter()
     with stubbed_launches(launches):
-        for _ in range(3):  # state built, tables cached
+        for _ in range(3):  # tables cached
             opt.step()
         launches.clear()
         times, counts = [], Counter()
@@ -152,8 +100,7 @@ def main() -> None:
               f"{len(gpt_layout())} tensors ({n_params / 1e9:.2f}B params at full size; element counts / "
               f"{args.scale} here), bf16 params, median of {args.steps} steps after 3 warm-up steps. "
               "`host reads`: reads of a tensor's value on the host (item, int, float, bool, tolist, cpu, to(\"cpu\")); "
-              "on a GPU the int reads are of the CPU-resident per-param step counters (no wait) and the others "
-              "read the grad statistics (a device-to-host copy and wait); "
+              "each would be a device-to-host copy and wait on a GPU; "
               "`torch.tensor`: tables or scalars built from Python values. Goal (issue 10): <= 0.5 ms and no "
               "host reads for AdamW.\n\n"
               "| optimizer | options | host ms/step | host reads/step | torch.tensor/step | launches/step |\n"

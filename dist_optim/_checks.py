@@ -5,11 +5,19 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 BACKENDS = ("auto", "torch", "triton", "cpu")
 NONFINITE_MODES = ("skip", "raise", "apply")
 
 
 def _real(name: str, value: Any) -> float:
+    if isinstance(value, torch.Tensor):
+        # A one-element tensor (lr as torch.optim allows it: changed in place by a scheduler, read
+        # by the kernels on the device). Its value is read here, at construction or load, only.
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a real number or a one-element float tensor, got {value!r}")
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     if math.isnan(value):
@@ -57,6 +65,15 @@ def one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise ValueError(f"Invalid {name}: {value!r} (must be one of {', '.join(map(repr, choices))})")
     return value
+
+
+def grad_scale(value: Any):
+    """A positive float, or a one-element fp32 tensor (an accumulation divisor kept on the device)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype != torch.float32:
+            raise ValueError(f"grad_scale must be a positive float or a one-element fp32 tensor, got {value!r}")
+        return value
+    return positive("grad_scale", value)
 
 
 def max_grad_norm(value: Any) -> float | None:

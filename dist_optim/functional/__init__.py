@@ -5,6 +5,7 @@ Triton path (``triton_kernels``) must match it."""
 from ._common import resolve_backend
 from .adagrad import adagrad_step
 from .adam import adam_step
+from .control import step_control
 from .grad_norm import grad_sumsq_and_flag
 from .lookahead import lookahead_sync
 from .radam import radam_rho, radam_step, radam_step_size
@@ -22,4 +23,5 @@ __all__ = [
     "resolve_backend",
     "rmsprop_step",
     "sgd_step",
+    "step_control",
 ]

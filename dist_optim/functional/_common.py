@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
 Tensors = Sequence[torch.Tensor]
+
+# A step count: an int shared by the tensors of a call (host flow), or one counter tensor per
+# tensor, already advanced for this step, read where it lives (device flow).
+Step = int | Sequence[torch.Tensor]
 
 
 def resolve_backend(backend: str, params: Tensors) -> str:
@@ -90,3 +95,33 @@ def scaled_grads(grads: Tensors, grad_scale: float) -> list[torch.Tensor]:
         return list(g32)
     return list(torch._foreach_mul(g32, grad_scale))
 
+
+
+def reads_device_values(kernels) -> bool:
+    """Whether a kernel module reads step counters, the grad scale, the skip flag and Lookahead's
+    sync decision on the device (the Triton launchers do; the CPU kernels take host values)."""
+    return getattr(kernels, "READS_DEVICE_VALUES", False)
+
+
+def host_number(value) -> float:
+    """A hyperparameter as a Python float (a tensor lr is read: free on the CPU, a sync elsewhere)."""
+    return float(value) if isinstance(value, torch.Tensor) else value
+
+
+def on_host(params: Tensors, grads: Tensors, states: Mapping[str, Tensors], step: Step | None, grad_scale,
+            skip: torch.Tensor | None, lookahead_steps: Tensors | None = None, k: int | None = None) -> Iterator:
+    """Device-flow arguments for a path that takes host values (torch, CPU kernels): read them and
+    yield ``(params, grads, states, t, grad_scale, sync)`` per distinct (count, Lookahead due) pair;
+    nothing when the step is skipped. ``t`` is None without counters, ``sync`` None without
+    Lookahead counters."""
+    if skip is not None and bool(skip.reshape(())):
+        return
+    scale = host_number(grad_scale)
+    counts = [int(c) for c in step] if step is not None and not isinstance(step, int) else None
+    due = [int(c) % k == 0 for c in lookahead_steps] if lookahead_steps is not None else None
+    buckets: dict = defaultdict(list)
+    for i in range(len(params)):
+        buckets[(step if counts is None else counts[i], None if due is None else due[i])].append(i)
+    for (t, sync), idx in buckets.items():
+        pick = (lambda ts: [ts[i] for i in idx])
+        yield pick(params), pick(grads), {key: pick(v) for key, v in states.items()}, t, scale, sync

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
+from ._common import Step, Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 STATE_KEYS = ("step", "sum")
 
@@ -30,13 +30,26 @@ def adagrad_step(
     lr_decay: float,
     weight_decay: float,
     eps: float,
-    step: int,
-    grad_scale: float = 1.0,
+    step: Step,
+    grad_scale=1.0,
+    skip: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
-    """One Adagrad step in place; ``step`` is the (already incremented) step count t >= 1."""
-    clr = adagrad_clr(lr, lr_decay, step)
+    """One Adagrad step in place; ``step`` is the (already incremented) step count t >= 1, or
+    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow)."""
     kernels = fused_kernels(backend, params, grads, states)
+    if not isinstance(step, int):
+        if reads_device_values(kernels):
+            kernels.adagrad_step(params, grads, states, clr=None, lr=lr, lr_decay=lr_decay, steps=step,
+                                 weight_decay=weight_decay, eps=eps, grad_scale=grad_scale, skip=skip)
+            return
+        for ps, gs, ss, t, scale, _ in on_host(params, grads, states, step, grad_scale, skip):
+            adagrad_step(ps, gs, ss, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, step=t,
+                         grad_scale=scale, backend=backend)
+        return
+    if not reads_device_values(kernels):
+        lr = host_number(lr)
+    clr = adagrad_clr(lr, lr_decay, step)
     if kernels is not None:
         kernels.adagrad_step(
             params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale

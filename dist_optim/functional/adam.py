@@ -14,12 +14,13 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
+from ._common import Step, Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 
 def moments(params, grads, states, *, lr, beta1, beta2, weight_decay, decoupled, grad_scale):
     """The part Adam and RAdam share: weight decay (decoupled on the params or coupled into g), then
     m = lerp(m, g, 1 - beta1) and v = beta2 v + (1 - beta2) g^2. Returns (fp32 params, m, v)."""
+    lr = host_number(lr)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:
@@ -50,14 +51,28 @@ def adam_step(
     weight_decay: float,
     decoupled: bool,
     amsgrad: bool,
-    step: int,
-    grad_scale: float = 1.0,
+    step: Step,
+    grad_scale=1.0,
+    skip: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
-    """One Adam/AdamW step in place; ``step`` is the (already incremented) step count t >= 1."""
+    """One Adam/AdamW step in place; ``step`` is the (already incremented) step count t >= 1, or
+    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                 amsgrad=amsgrad)
+    kernels = fused_kernels(backend, params, grads, states)
+    if not isinstance(step, int):
+        if reads_device_values(kernels):
+            kernels.adam_step(params, grads, states, **hyper, steps=step, step_size=None,
+                              bias_correction2_sqrt=None, grad_scale=grad_scale, skip=skip)
+            return
+        for ps, gs, ss, t, scale, _ in on_host(params, grads, states, step, grad_scale, skip):
+            adam_step(ps, gs, ss, **hyper, step=t, grad_scale=scale, backend=backend)
+        return
+    if not reads_device_values(kernels):
+        lr = host_number(lr)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    kernels = fused_kernels(backend, params, grads, states)
     if kernels is not None:
         kernels.adam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -10,14 +10,26 @@ from __future__ import annotations
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, write_back
+from ._common import Tensors, fp32_views, fused_kernels, on_host, reads_device_values, write_back
 
 STATE_KEYS = ("slow_buffer", "lookahead_step")
 
 
-def lookahead_sync(params: Tensors, slow_buffers: Tensors, *, alpha: float, backend: str = "torch") -> None:
-    """Pull the fp32 slow weights towards the params and reset the params to them, in place."""
+def lookahead_sync(params: Tensors, slow_buffers: Tensors, *, alpha: float, lookahead_steps: Tensors | None = None,
+                   k: int | None = None, skip: torch.Tensor | None = None, backend: str = "torch") -> None:
+    """Pull the fp32 slow weights towards the params and reset the params to them, in place: every
+    tensor given (host flow), or, with ``lookahead_steps`` (advanced counters) and ``k``, those whose
+    count is a multiple of k, unless ``skip`` is set (device flow)."""
     kernels = fused_kernels(backend, params, None, {"slow_buffer": slow_buffers})
+    if lookahead_steps is not None:
+        if reads_device_values(kernels):
+            kernels.lookahead_sync(params, slow_buffers, alpha=alpha, la_steps=lookahead_steps, k=k, skip=skip)
+            return
+        for ps, _, ss, _, _, sync in on_host(params, params, {"slow_buffer": slow_buffers}, None, 1.0, skip,
+                                             lookahead_steps, k):
+            if sync:
+                lookahead_sync(ps, ss["slow_buffer"], alpha=alpha, backend=backend)
+        return
     if kernels is not None:
         kernels.lookahead_sync(params, slow_buffers, alpha=alpha)
         return

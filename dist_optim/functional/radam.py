@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fused_kernels, write_back
+from ._common import Step, Tensors, fused_kernels, host_number, on_host, reads_device_values, write_back
 from .adam import moments
 from .lookahead import pull_and_reset
 
@@ -58,16 +58,37 @@ def radam_step(
     weight_decay: float,
     decoupled: bool,
     rho_threshold: float,
-    step: int,
+    step: Step,
     lookahead_alpha: float | None = None,
-    grad_scale: float = 1.0,
+    lookahead_steps: Tensors | None = None,
+    k: int | None = None,
+    grad_scale=1.0,
+    skip: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
-    """One RAdam step in place. With ``lookahead_alpha`` (Ranger on a sync step) the slow weights in
+    """One RAdam step in place. With ``lookahead_alpha`` (Ranger) the slow weights in
     ``states['slow_buffer']`` are pulled towards the new params and the params reset to them, in the
-    same pass; the fp32 result of the step feeds the slow update before any rounding to the param dtype."""
-    rectified, step_size = radam_step_size(lr, beta1, beta2, step, rho_threshold)
+    same pass; the fp32 result of the step feeds the slow update before any rounding to the param
+    dtype. The sync happens on every tensor given (host flow: the caller passes the due ones), or,
+    with ``lookahead_steps`` (advanced Lookahead counters) and ``k``, on those whose count is a
+    multiple of k (device flow, with ``step`` as device counters)."""
+    hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
     kernels = fused_kernels(backend, params, grads, states)
+    if not isinstance(step, int):
+        if reads_device_values(kernels):
+            kernels.radam_step(params, grads, states, **hyper, rho_threshold=rho_threshold, steps=step, rectified=None,
+                               step_size=None, lookahead_alpha=lookahead_alpha, la_steps=lookahead_steps, k=k,
+                               grad_scale=grad_scale, skip=skip)
+            return
+        for ps, gs, ss, t, scale, sync in on_host(params, grads, states, step, grad_scale, skip, lookahead_steps, k):
+            if sync is False:
+                ss = {key: v for key, v in ss.items() if key != "slow_buffer"}
+            radam_step(ps, gs, ss, **hyper, rho_threshold=rho_threshold, step=t,
+                       lookahead_alpha=None if sync is False else lookahead_alpha, grad_scale=scale, backend=backend)
+        return
+    if not reads_device_values(kernels):
+        lr = host_number(lr)
+    rectified, step_size = radam_step_size(lr, beta1, beta2, step, rho_threshold)
     if kernels is not None:
         kernels.radam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 
 def rmsprop_state_keys(momentum: float, centered: bool) -> tuple[str, ...]:
@@ -37,18 +37,26 @@ def rmsprop_step(
     weight_decay: float,
     momentum: float,
     centered: bool,
-    grad_scale: float = 1.0,
+    grad_scale=1.0,
+    skip: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
     """One RMSprop step in place. ``states`` holds 'square_avg', plus 'momentum_buffer' when
-    momentum > 0 and 'grad_avg' when centered (all fp32)."""
+    momentum > 0 and 'grad_avg' when centered (all fp32). ``grad_scale`` and ``skip`` may be
+    one-element device tensors (device flow)."""
+    hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
     kernels = fused_kernels(backend, params, grads, states)
-    if kernels is not None:
-        kernels.rmsprop_step(
-            params, grads, states, lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay,
-            momentum=momentum, centered=centered, grad_scale=grad_scale,
-        )
+    if skip is not None or isinstance(grad_scale, torch.Tensor):  # device flow
+        if reads_device_values(kernels):
+            kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale, skip=skip)
+            return
+        for ps, gs, ss, _, scale, _ in on_host(params, grads, states, None, grad_scale, skip):
+            rmsprop_step(ps, gs, ss, **hyper, grad_scale=scale, backend=backend)
         return
+    if kernels is not None:
+        kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale)
+        return
+    lr = host_number(lr)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, scaled_grads, write_back
+from ._common import Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 STATE_KEYS_MOMENTUM = ("momentum_buffer",)
 
@@ -29,18 +29,27 @@ def sgd_step(
     weight_decay: float,
     nesterov: bool,
     first_step: bool,
-    grad_scale: float = 1.0,
+    grad_scale=1.0,
+    skip: torch.Tensor | None = None,
     backend: str = "torch",
 ) -> None:
     """One SGD step in place. ``states['momentum_buffer']`` (fp32) is required when momentum != 0;
-    ``first_step`` says the buffers are fresh and take the gradient as it is."""
+    ``first_step`` says the buffers are fresh and take the gradient as it is. ``grad_scale`` and
+    ``skip`` may be one-element device tensors (device flow)."""
+    hyper = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                 first_step=first_step)
     kernels = fused_kernels(backend, params, grads, states)
-    if kernels is not None:
-        kernels.sgd_step(
-            params, grads, states, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, first_step=first_step, grad_scale=grad_scale,
-        )
+    if skip is not None or isinstance(grad_scale, torch.Tensor):  # device flow
+        if reads_device_values(kernels):
+            kernels.sgd_step(params, grads, states, **hyper, grad_scale=grad_scale, skip=skip)
+            return
+        for ps, gs, ss, _, scale, _ in on_host(params, grads, states, None, grad_scale, skip):
+            sgd_step(ps, gs, ss, **hyper, grad_scale=scale, backend=backend)
         return
+    if kernels is not None:
+        kernels.sgd_step(params, grads, states, **hyper, grad_scale=grad_scale)
+        return
+    lr = host_number(lr)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:

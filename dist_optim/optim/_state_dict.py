@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch.optim import Optimizer
 
-# Per-param counters kept as 0-dim fp32 CPU tensors (torch.optim's convention for "step").
+# Per-param counters kept as 0-dim fp32 tensors (torch.optim's convention for "step"), on the CPU
+# or, where the kernels read them, on the param's device (the optimizer's ``counter_device``).
 COUNTER_KEYS = frozenset({"step", "lookahead_step"})
 
 KeyBlocks = Sequence[frozenset[str]]
@@ -36,13 +37,13 @@ def check_keys(name: str, pid: Any, keys: set[str], blocks: KeyBlocks) -> None:
     )
 
 
-def _restore_value(pid: Any, key: str, value: Any, param: torch.Tensor) -> torch.Tensor:
+def _restore_value(pid: Any, key: str, value: Any, param: torch.Tensor, counter_device: torch.device) -> torch.Tensor:
     if key in COUNTER_KEYS:
         if isinstance(value, torch.Tensor):
             if value.numel() != 1:
                 raise ValueError(f"state_dict['state'][{pid!r}][{key!r}] must be a scalar, got shape {tuple(value.shape)}")
-            return value.detach().to(device="cpu", dtype=torch.float32, copy=True).reshape(())
-        return torch.tensor(float(value), dtype=torch.float32)
+            return value.detach().to(device=counter_device, dtype=torch.float32, copy=True).reshape(())
+        return torch.tensor(float(value), dtype=torch.float32, device=counter_device)
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"state_dict['state'][{pid!r}][{key!r}] must be a tensor, got {type(value).__name__}")
     if value.shape != param.shape:
@@ -58,6 +59,7 @@ def restore(
     state_dict: Mapping[str, Any],
     key_blocks: Callable[[dict[str, Any]], KeyBlocks],
     check_group: Callable[[dict[str, Any]], None],
+    counter_device: Callable[[torch.Tensor], torch.device],
 ) -> tuple[defaultdict, list[dict[str, Any]]]:
     """The (state, param_groups) that ``state_dict`` describes for ``optimizer``'s params, fully
     validated; raises ValueError and changes nothing when it does not fit."""
@@ -88,7 +90,8 @@ def restore(
             raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which no param group lists")
         param, group = id_map[pid]
         check_keys(name, pid, set(pstate), key_blocks(group))
-        new_state[param] = {k: _restore_value(pid, k, v, param) for k, v in pstate.items()}
+        counters_at = counter_device(param)
+        new_state[param] = {k: _restore_value(pid, k, v, param, counters_at) for k, v in pstate.items()}
     return new_state, new_groups
 
 

@@ -7,7 +7,7 @@ from typing import Any
 from .. import _checks
 from ..distributed.shard import new_state_like
 from ..functional import adagrad_step
-from .base import FusedOptimizer, step_counter
+from .base import FusedOptimizer
 
 _KEYS = frozenset({"step", "sum"})
 
@@ -36,13 +36,15 @@ class Adagrad(FusedOptimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
             initial_accumulator_value=initial_accumulator_value, eps=eps, maximize=maximize,
         )
         super().__init__(
-            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable
         )
 
     def _check_group(self, group):
@@ -56,12 +58,12 @@ class Adagrad(FusedOptimizer):
         return [_KEYS]
 
     def _init_state(self, param, group):
-        return {"step": step_counter(), "sum": new_state_like(param, fill=group["initial_accumulator_value"])}
+        return {"step": self._new_counter(param), "sum": new_state_like(param, fill=group["initial_accumulator_value"])}
 
-    def _update_group(self, group, params, grads, grad_scale):
-        for ps, gs, states, t in self._step_buckets(group, params, grads, ("sum",)):
+    def _update_group(self, group, params, grads, grad_scale, skip):
+        for ps, gs, states, t in self._step_buckets(group, params, grads, ("sum",), skip):
             adagrad_step(
                 ps, gs, states, lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                eps=group["eps"], step=t, grad_scale=grad_scale, backend=self.backend,
+                eps=group["eps"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
             )
 

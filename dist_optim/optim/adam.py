@@ -8,7 +8,7 @@ from .. import _checks
 from ..distributed.shard import new_state_like
 from ..functional import adam_step
 from ..functional.adam import adam_state_keys
-from .base import FusedOptimizer, step_counter
+from .base import FusedOptimizer
 
 
 class Adam(FusedOptimizer):
@@ -38,13 +38,15 @@ class Adam(FusedOptimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
             decoupled_weight_decay=decoupled_weight_decay, maximize=maximize,
         )
         super().__init__(
-            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable
         )
 
     def _check_group(self, group):
@@ -58,16 +60,16 @@ class Adam(FusedOptimizer):
 
     def _init_state(self, param, group):
         keys = adam_state_keys(group["amsgrad"])
-        return {"step": step_counter(), **{k: new_state_like(param) for k in keys if k != "step"}}
+        return {"step": self._new_counter(param), **{k: new_state_like(param) for k in keys if k != "step"}}
 
-    def _update_group(self, group, params, grads, grad_scale):
+    def _update_group(self, group, params, grads, grad_scale, skip):
         beta1, beta2 = group["betas"]
         keys = adam_state_keys(group["amsgrad"])[1:]
-        for ps, gs, states, t in self._step_buckets(group, params, grads, keys):
+        for ps, gs, states, t in self._step_buckets(group, params, grads, keys, skip):
             adam_step(
                 ps, gs, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                 weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, backend=self.backend,
+                amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
             )
 
 
@@ -88,8 +90,10 @@ class AdamW(Adam):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable,
         )

@@ -1,10 +1,23 @@
 """The base of every element-wise optimizer: argument checks, fp32 state built lazily, gradient
 clipping and non-finite handling folded into the update's grad scale, and validated state loading.
 
-Flow of one ``step()``: collect the (local) grads of every group; when ``max_grad_norm`` is set or
-``nonfinite`` is not "apply", one fused read of the grads gives [sum of squares, non-finite flag];
-a non-finite step is skipped (or raises) before anything changes; otherwise each group's update runs
-with ``grad_scale = clip coefficient x (-1 if maximize)``, so no pass ever writes the gradients.
+One ``step()`` takes one of two flows.
+
+- **Device flow** (the Triton backend, once every stepped param has its state): nothing is read
+  back to the host. One fused read of the grads gives [sum of squares, non-finite flag] (all-reduced
+  over the group), one single-program launch (``step_control``) turns it into the clip scale and the
+  skip flag and advances the step counters unless skipping, and each group's update kernel reads
+  the scale, the skip flag and its tensors' step counts on the device (bias corrections, RAdam's
+  rectification and Lookahead's sync are decided per tensor there). A skipped step changes nothing:
+  the kernels see the flag and return. This is what ``capturable=True`` (CUDA graphs) relies on.
+- **Host flow** (the torch and CPU backends, where a read is free or unavoidable, and any step that
+  must build state): the statistics are read on the host, a non-finite step is skipped before
+  anything changes (so a skipped first step creates no state), the counters advance on the host and
+  the updates take float scalars. The first host-flow step of a Triton optimizer also compiles the
+  device flow's kernels, so nothing compiles mid-run.
+
+The two flows give the same bits (the kernels compute the bias corrections in fp64 from the device
+counts, as the host does in Python floats).
 """
 
 from __future__ import annotations
@@ -21,10 +34,12 @@ from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
 from ..distributed.shard import is_dtensor, local_tensor
+from ..functional import resolve_backend, step_control
+from ..functional.control import CLIP_EPS
 from . import _state_dict
 
-# torch.nn.utils.clip_grad_norm_'s guard against division by a zero norm.
-CLIP_EPS = 1e-6
+# The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
+_SCALE, _SKIP, _NORM, _SKIPPED, _NEG_SCALE = range(5)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -44,6 +59,7 @@ class FusedOptimizer(Optimizer):
         nonfinite: str,
         backend: str,
         process_group: Any,
+        capturable: bool = False,
     ) -> None:
         if isinstance(params, torch.Tensor):
             raise ValueError(f"params must be an iterable of tensors or dicts, got a {torch.typename(params)}")
@@ -53,6 +69,14 @@ class FusedOptimizer(Optimizer):
         self.max_grad_norm = _checks.max_grad_norm(max_grad_norm)
         self.nonfinite = _checks.one_of("nonfinite", nonfinite, _checks.NONFINITE_MODES)
         self.backend = _checks.one_of("backend", backend, _checks.BACKENDS)
+        if not isinstance(capturable, bool):
+            raise ValueError(f"capturable must be True or False, got {capturable!r}")
+        if capturable and self.nonfinite == "raise":
+            raise ValueError("capturable=True cannot take nonfinite='raise': raising needs the host to read the "
+                             "gradients' statistics every step; use 'skip' (decided on the device) or 'apply'")
+        if capturable and self.backend in ("torch", "cpu"):
+            raise ValueError(f"capturable=True needs the Triton backend (CUDA params), not backend={self.backend!r}")
+        self.capturable = capturable
         self._check_group(defaults)
         # The params we were given, held weakly and matched by identity: a plain param that is not
         # among them was swapped in by a wrapper (ZeRO's flat partitions, fp32 master copies).
@@ -61,8 +85,12 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
         self._grad_layout = GradLayout()
-        self.skipped_steps = 0
-        self.last_grad_norm: float | None = None
+        self._skipped_on_host = 0
+        self._last_norm: float | torch.Tensor | None = None
+        # One control vector per device, made on the first device-flow step; it also counts the
+        # steps skipped on the device.
+        self._controls: dict[torch.device, torch.Tensor] = {}
+        self._device_flow_warmed = False
 
     # --- what subclasses define -------------------------------------------------------------
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -75,9 +103,26 @@ class FusedOptimizer(Optimizer):
         raise NotImplementedError
 
     def _update_group(
-        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale: float
+        self, group: dict[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], grad_scale,
+        skip: torch.Tensor | None,
     ) -> None:
+        """Update one group. Host flow: ``grad_scale`` is a float, ``skip`` None, and the counters
+        are advanced here. Device flow: ``grad_scale`` and ``skip`` are one-element device tensors
+        and the counters were advanced by ``step_control``."""
         raise NotImplementedError
+
+    # --- public state ----------------------------------------------------------------------------
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped on a non-finite gradient (reading it waits for the device)."""
+        return self._skipped_on_host + sum(int(c[_SKIPPED]) for c in self._controls.values())
+
+    @property
+    def last_grad_norm(self) -> float | None:
+        """The global gradient norm (x grad_scale) of the last step that computed it, else None
+        (reading it waits for the device)."""
+        norm = self._last_norm
+        return float(norm) if isinstance(norm, torch.Tensor) else norm
 
     # --- torch.optim.Optimizer protocol -------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -105,27 +150,153 @@ class FusedOptimizer(Optimizer):
         self._binding_pending = True
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale: float = 1.0):
+    def step(self, closure=None, *, grad_scale: float | torch.Tensor = 1.0):
         """One optimizer step. ``grad_scale`` multiplies the gradients inside the update (gradient
-        accumulation passes 1/N here instead of scaling the loss); clipping sees the scaled norm."""
-        grad_scale = _checks.positive("grad_scale", grad_scale)
+        accumulation passes 1/N here instead of scaling the loss; a one-element fp32 device tensor
+        is read on the device); clipping sees the scaled norm."""
+        return self._step(closure, grad_scale)[0]
+
+    @torch.no_grad()
+    def compile_kernels(self) -> None:
+        """Compile every kernel that steps on the current grads will launch, now rather than
+        during the first steps (call after a backward pass, on every rank: it builds the state of
+        the params that have grads, at zero as a first step would, and runs no update)."""
+        work = self._collect_grads()
+        device = self._flow_device(work)
+        for group, params, _ in work:
+            for p in params:
+                self._state(p, group)
+            self._prepare_device_state(group, params)
+        if device is not None:
+            self._warm_device_flow(work, device)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        _state_dict.load_into(
+            self, state_dict,
+            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group, self.counter_device),
+        )
+
+    # --- the step ---------------------------------------------------------------------------------
+    def _step(self, closure, grad_scale, counters: Sequence[torch.Tensor] = (), *, host: bool = False):
+        """(loss, control): ``control`` is the device-flow control vector (its ``[1]`` is the skip
+        flag), or a bool saying whether the host flow skipped. ``counters`` (Lookahead's) advance
+        with the step counters; ``host`` forces the host flow (a wrapper about to build state)."""
+        grad_scale = _checks.grad_scale(grad_scale)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         work = self._collect_grads()
+        device = self._flow_device(work)
+        if device is not None and not host and not self._needs_state(work):
+            return loss, self._device_step(work, device, grad_scale, counters)
+        if isinstance(grad_scale, torch.Tensor):
+            grad_scale = float(grad_scale)
         scale = self._clip_scale(work, grad_scale)
         if scale is None:
-            self.skipped_steps += 1
-            return loss
+            self._skipped_on_host += 1
+            return loss, True
         for group, params, grads in work:
-            self._update_group(group, params, grads, -scale if group.get("maximize") else scale)
-        return loss
+            self._update_group(group, params, grads, -scale if group.get("maximize") else scale, None)
+        for c in counters:
+            c += 1
+        if device is not None and not self._device_flow_warmed:
+            self._warm_device_flow(work, device)
+        return loss, False
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        _state_dict.load_into(
-            self, state_dict, lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group)
+    def _device_step(self, work, device: torch.device, grad_scale, counters: Sequence[torch.Tensor]) -> torch.Tensor:
+        control = self._control(device)
+        stats = self._grad_stats(work, grad_scale)
+        if stats is not None:
+            stats = stats.to(device)
+        step_control(
+            control[:_NEG_SCALE], stats=stats, grad_scale=grad_scale, max_grad_norm=self.max_grad_norm,
+            skip_nonfinite=self.nonfinite == "skip", counters=[*self._counters(work), *counters], backend=self.backend,
         )
+        self._last_norm = control[_NORM] if stats is not None else None
+        scale, skip = control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1]
+        if any(group.get("maximize") for group, _, _ in work):
+            torch.neg(scale, out=control[_NEG_SCALE:])
+        for group, params, grads in work:
+            self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale, skip)
+        return control
+
+    def _warm_device_flow(self, work, device: torch.device) -> None:
+        """Compile the device flow's kernels without running them (its launches take device
+        scalars and counter tables, other specializations than the host flow's)."""
+        import triton_kernels
+
+        compiling = getattr(triton_kernels, "compiling", None)
+        if compiling is None:  # TODO(integration): triton_kernels.compiling lands with the device-step kernels
+            return
+        control = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
+        with compiling():
+            stats = torch.zeros(2, dtype=torch.float32, device=device) if self._checks_grads() else None
+            step_control(
+                control[:_NEG_SCALE], stats=stats, grad_scale=1.0, max_grad_norm=self.max_grad_norm,
+                skip_nonfinite=self.nonfinite == "skip", counters=self._counters(work), backend=self.backend,
+            )
+            for group, params, grads in work:
+                self._update_group(group, params, grads, control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1])
+        self._device_flow_warmed = True
+
+    def _control(self, device: torch.device) -> torch.Tensor:
+        control = self._controls.get(device)
+        if control is None:
+            control = self._controls[device] = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
+        return control
+
+    def _flow_device(self, work) -> torch.device | None:
+        """The device whose Triton kernels run every update of this step (the device flow), or
+        None for the host flow (another backend, or params on several devices)."""
+        first = next((p for _, params, _ in work for p in params), None)
+        if first is None:
+            return None
+        device = local_tensor(first).device
+        if resolve_backend(self.backend, [local_tensor(first)]) != "triton":
+            if self.capturable:
+                raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
+            return None
+        if any(local_tensor(p).device != device for _, params, _ in work for p in params):
+            return None
+        return device
+
+    def counter_device(self, param: torch.Tensor) -> torch.device:
+        """Where a param's step counters live: on its device when the Triton kernels read them
+        there, else on the CPU (torch.optim's place for them)."""
+        local = local_tensor(param)
+        return local.device if resolve_backend(self.backend, [local]) == "triton" else torch.device("cpu")
+
+    def _new_counter(self, param: torch.Tensor) -> torch.Tensor:
+        """A per-param step count, as torch.optim keeps it (0-dim fp32), where the kernels read it."""
+        return torch.zeros((), dtype=torch.float32, device=self.counter_device(param))
+
+    def _needs_state(self, work) -> bool:
+        """Whether some param stepped now lacks state: such a step takes the host flow, so that
+        it builds no state when it is skipped."""
+        for group, params, _ in work:
+            blocks = self._state_key_blocks(group)
+            if blocks:
+                keys = blocks[-1]
+                if any(not keys <= self.state[p].keys() for p in params):
+                    return True
+        return False
+
+    def _prepare_device_state(self, group, params) -> None:
+        """Hook for state a subclass keeps beside the last key block (Ranger's slow weights)."""
+
+    def _counters(self, work) -> list[torch.Tensor]:
+        """The counters a step advances: each stepped param's "step"."""
+        out = []
+        for _, params, _ in work:
+            for p in params:
+                step = self.state[p].get("step")
+                if step is not None:
+                    out.append(step)
+        return out
+
+    def _checks_grads(self) -> bool:
+        return self.max_grad_norm is not None or self.nonfinite != "apply"
 
     # --- helpers --------------------------------------------------------------------------------
     def _collect_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
@@ -133,33 +304,45 @@ class FusedOptimizer(Optimizer):
         for gi, group in enumerate(self.param_groups):
             params, grads = [], []
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                g = p.grad
+                if g is None:
                     continue
-                if p.grad.is_sparse:
+                if g.is_sparse:
                     raise ValueError(
                         f"{type(self).__name__} does not support sparse gradients "
-                        f"(param {pi} of param group {gi} has a {p.grad.layout} grad)"
+                        f"(param {pi} of param group {gi} has a {g.layout} grad)"
                     )
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(g)
             work.append((group, params, grads))
         return work
 
-    def _clip_scale(self, work, grad_scale: float) -> float | None:
-        """The scale the update applies to the raw gradients (``grad_scale`` times the clip
-        coefficient), or None when the step is to be skipped."""
-        if self.max_grad_norm is None and self.nonfinite == "apply":
-            return grad_scale
+    def _grad_stats(self, work, grad_scale) -> torch.Tensor | None:
+        """The all-reduced [sum of squares, non-finite flag] when clipping or the non-finite check
+        needs them, else None. With ``nonfinite="raise"`` it is read here (a host sync)."""
+        if not self._checks_grads():
+            return None
         grads = [g for _, _, gs in work for g in gs]
         if self.process_group is None and active():
             self._refuse_unknown_shards(work, grads)
         stats = global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout)
+        if self.nonfinite == "raise":
+            sumsq, flag = stats.tolist()
+            if flag > 0 or not torch.isfinite(torch.tensor(sumsq)):
+                norm = float(torch.tensor(sumsq, dtype=torch.float32).sqrt()) * float(grad_scale)
+                raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {norm})")
+        return stats
+
+    def _clip_scale(self, work, grad_scale: float) -> float | None:
+        """Host flow: the scale the update applies to the raw gradients (``grad_scale`` times the
+        clip coefficient), or None when the step is to be skipped."""
+        stats = self._grad_stats(work, grad_scale)
+        if stats is None:
+            return grad_scale
         sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
         bad = bool(flag > 0) or not bool(torch.isfinite(sumsq))
         norm = sumsq.sqrt() * grad_scale
-        self.last_grad_norm = float(norm)
-        if bad and self.nonfinite == "raise":
-            raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {float(norm)})")
+        self._last_norm = float(norm)
         if bad and self.nonfinite == "skip":
             return None
         if self.max_grad_norm is None:
@@ -198,10 +381,16 @@ class FusedOptimizer(Optimizer):
     def _states_of(self, states: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
         return {k: self._locals(s[k] for s in states) for k in keys}
 
-    def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor], keys: Sequence[str]):
-        """Advance the params' step counts and yield (params, grads, states, t) per distinct count t,
-        as local tensors, for the families whose update depends on t."""
+    def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
+                      keys: Sequence[str], skip: torch.Tensor | None):
+        """Yield (params, grads, states, t) as local tensors for the families whose update depends on
+        the step count t. Host flow: the counts advance here and each distinct count is one bucket
+        (params whose grad was None on some steps lag). Device flow: one bucket, t being the list of
+        the (already advanced) device counters, read by the kernels."""
         states = [self._state(p, group) for p in params]
+        if skip is not None:
+            yield self._locals(params), self._locals(grads), self._states_of(states, keys), [s["step"] for s in states]
+            return
         for t, idx in advance(states).items():
             yield (
                 self._locals(params[i] for i in idx),
@@ -209,11 +398,6 @@ class FusedOptimizer(Optimizer):
                 self._states_of([states[i] for i in idx], keys),
                 t,
             )
-
-
-def step_counter() -> torch.Tensor:
-    """A per-param step count, as torch.optim keeps it (0-dim fp32 on the CPU)."""
-    return torch.tensor(0.0, dtype=torch.float32)
 
 
 def advance(states: Sequence[dict[str, torch.Tensor]], key: str = "step") -> dict[int, list[int]]:
@@ -224,4 +408,3 @@ def advance(states: Sequence[dict[str, torch.Tensor]], key: str = "step") -> dic
         state[key] += 1
         buckets[int(state[key])].append(i)
     return buckets
-

@@ -15,7 +15,7 @@ from ..distributed.shard import local_tensor, new_state_like
 from ..functional import lookahead_sync
 from ..functional.lookahead import STATE_KEYS
 from . import _state_dict
-from .base import FusedOptimizer, advance, step_counter
+from .base import FusedOptimizer, advance
 
 LOOKAHEAD_KEYS = frozenset(STATE_KEYS)
 
@@ -25,10 +25,11 @@ def check_k_alpha(k: Any, alpha: Any) -> None:
     _checks.in_unit_interval("alpha", alpha, closed=True)
 
 
-def slow_weights(param: torch.Tensor) -> dict[str, torch.Tensor]:
+def slow_weights(param: torch.Tensor, optimizer: FusedOptimizer) -> dict[str, torch.Tensor]:
     """Lookahead's state for a param: slow weights starting at the param's current value (the
-    paper's phi_0 = theta_0) and the count of optimizer steps taken since."""
-    return {"slow_buffer": new_state_like(param, copy=True), "lookahead_step": step_counter()}
+    paper's phi_0 = theta_0) and the count of optimizer steps taken since (a counter where the
+    optimizer keeps its step counters)."""
+    return {"slow_buffer": new_state_like(param, copy=True), "lookahead_step": optimizer._new_counter(param)}
 
 
 def members(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -110,28 +111,43 @@ class Lookahead(Optimizer):
         self.optimizer.add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None, *, grad_scale: float = 1.0):  # noqa: D102 (the wrapped optimizer's contract)
-        # Slow weights are taken from the params before this step's update, but kept only if the
-        # step is not skipped: a skipped step leaves the state as it was.
-        pending = {
-            p: slow_weights(p) for g in self.param_groups for p in members(g["params"]) if "slow_buffer" not in self.state[p]
-        }
-        skipped_before = self.optimizer.skipped_steps
-        loss = self.optimizer.step(closure, grad_scale=grad_scale)
-        if self.optimizer.skipped_steps != skipped_before:
-            return loss
-        for p, la_state in pending.items():
-            self.state[p].update(la_state)
+    def step(self, closure=None, *, grad_scale: float | torch.Tensor = 1.0):  # noqa: D102 (the wrapped optimizer's contract)
+        inner = self.optimizer
         synced = [p for g in self.param_groups for p in members(g["params"])]
-        due = [synced[i] for i in count_and_pick_due([self.state[p] for p in synced], self.k)]
-        if due:
-            lookahead_sync(
-                [local_tensor(p) for p in due],
-                [local_tensor(self.state[p]["slow_buffer"]) for p in due],
-                alpha=self.alpha,
-                backend=self.optimizer.backend,
-            )
+        # Slow weights are taken from the params before this step's update, but kept only if the
+        # step is not skipped (a skipped step leaves the state as it was): the host flow decides that.
+        pending = {p: slow_weights(p, inner) for p in synced if "slow_buffer" not in self.state[p]}
+        if pending:
+            loss, skipped = inner._step(closure, grad_scale, host=True)
+            if skipped:
+                return loss
+            for p, la_state in pending.items():
+                self.state[p].update(la_state)
+            due = [synced[i] for i in count_and_pick_due([self.state[p] for p in synced], self.k)]
+            self._sync(due)
+            return loss
+        counters = [self.state[p]["lookahead_step"] for p in synced]
+        loss, control = inner._step(closure, grad_scale, counters)
+        if isinstance(control, torch.Tensor):  # device flow: the counters advanced unless skipped
+            self._sync(synced, counters, skip=control[1:2])
+        elif not control:  # host flow, not skipped: the counters advanced
+            self._sync([p for p, c in zip(synced, counters) if int(c) % self.k == 0])
         return loss
+
+    def _sync(self, params, counters=None, skip=None) -> None:
+        """The slow-weight update on ``params`` (all of them), or, given their advanced
+        ``counters``, on those whose count is a multiple of k unless ``skip`` is set (on the device)."""
+        if not params:
+            return
+        lookahead_sync(
+            [local_tensor(p) for p in params],
+            [local_tensor(self.state[p]["slow_buffer"]) for p in params],
+            alpha=self.alpha,
+            lookahead_steps=None if counters is None else [local_tensor(c) for c in counters],
+            k=self.k,
+            skip=skip,
+            backend=self.optimizer.backend,
+        )
 
     def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
         return [LOOKAHEAD_KEYS, *self.optimizer._state_key_blocks(group)]
@@ -140,7 +156,9 @@ class Lookahead(Optimizer):
         _state_dict.load_into(
             self,
             state_dict,
-            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self.optimizer._check_group),
+            lambda sd: _state_dict.restore(
+                self, sd, self._state_key_blocks, self.optimizer._check_group, self.optimizer.counter_device
+            ),
             owner=self.optimizer,
         )
 

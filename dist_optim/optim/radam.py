@@ -8,7 +8,7 @@ from .. import _checks
 from ..distributed.shard import new_state_like
 from ..functional import radam_step
 from ..functional.radam import STATE_KEYS
-from .base import FusedOptimizer, step_counter
+from .base import FusedOptimizer
 
 _KEYS = frozenset(STATE_KEYS)
 
@@ -51,6 +51,7 @@ class RAdam(FusedOptimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
         **extra_defaults: Any,
     ) -> None:
         defaults = dict(
@@ -58,7 +59,8 @@ class RAdam(FusedOptimizer):
             rho_threshold=rho_threshold, maximize=maximize, **extra_defaults,
         )
         super().__init__(
-            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable
         )
 
     def _check_group(self, group):
@@ -72,17 +74,17 @@ class RAdam(FusedOptimizer):
         return [_KEYS]
 
     def _init_state(self, param, group):
-        return {"step": step_counter(), "exp_avg": new_state_like(param), "exp_avg_sq": new_state_like(param)}
+        return {"step": self._new_counter(param), "exp_avg": new_state_like(param), "exp_avg_sq": new_state_like(param)}
 
-    def _radam_hyper(self, group, grad_scale):
+    def _radam_hyper(self, group, grad_scale, skip):
         beta1, beta2 = group["betas"]
         return dict(
             lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             decoupled=group["decoupled_weight_decay"], rho_threshold=group["rho_threshold"],
-            grad_scale=grad_scale, backend=self.backend,
+            grad_scale=grad_scale, skip=skip, backend=self.backend,
         )
 
-    def _update_group(self, group, params, grads, grad_scale):
-        hyper = self._radam_hyper(group, grad_scale)
-        for ps, gs, states, t in self._step_buckets(group, params, grads, ("exp_avg", "exp_avg_sq")):
+    def _update_group(self, group, params, grads, grad_scale, skip):
+        hyper = self._radam_hyper(group, grad_scale, skip)
+        for ps, gs, states, t in self._step_buckets(group, params, grads, ("exp_avg", "exp_avg_sq"), skip):
             radam_step(ps, gs, states, step=t, **hyper)

@@ -36,10 +36,12 @@ class Ranger(RAdam):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, rho_threshold, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable,
             k=k, alpha=alpha,
         )
 
@@ -50,13 +52,62 @@ class Ranger(RAdam):
     def _state_key_blocks(self, group):
         return [LOOKAHEAD_KEYS, *super()._state_key_blocks(group)]
 
-    def _update_group(self, group, params, grads, grad_scale):
+    def _needs_state(self, work):
+        return super()._needs_state(work) or any(
+            "slow_buffer" not in self.state[p] for g in self.param_groups for p in members(g["params"])
+        )
+
+    def _prepare_device_state(self, group, params):
+        for p in members(group["params"]):
+            if "slow_buffer" not in self.state[p]:
+                self.state[p].update(slow_weights(p, self))
+
+    def _counters(self, work):
+        # Lookahead counts optimizer steps taken, by every member, with a gradient this step or not.
+        lookahead = [self.state[p]["lookahead_step"] for g in self.param_groups for p in members(g["params"])]
+        return super()._counters(work) + lookahead
+
+    def _update_group(self, group, params, grads, grad_scale, skip):
+        if skip is None:
+            self._update_group_on_host(group, params, grads, grad_scale)
+            return
+        hyper = self._radam_hyper(group, grad_scale, skip)
+        states = [self._state(p, group) for p in params]
+        slow = [i for i, s in enumerate(states) if "slow_buffer" in s]
+        plain = [i for i, s in enumerate(states) if "slow_buffer" not in s]  # params that are not members
+        for idx, keys in ((slow, ("exp_avg", "exp_avg_sq", "slow_buffer")), (plain, ("exp_avg", "exp_avg_sq"))):
+            if idx:
+                picked = [states[i] for i in idx]
+                radam_step(
+                    self._locals(params[i] for i in idx),
+                    self._locals(grads[i] for i in idx),
+                    self._states_of(picked, keys),
+                    step=[s["step"] for s in picked],
+                    lookahead_alpha=group["alpha"] if keys[-1] == "slow_buffer" else None,
+                    lookahead_steps=self._locals(s["lookahead_step"] for s in picked) if keys[-1] == "slow_buffer" else None,
+                    k=group["k"],
+                    **hyper,
+                )
+        with_grad = {id(p) for p in params}
+        idle = [p for p in members(group["params"]) if id(p) not in with_grad]
+        if idle:
+            lookahead_sync(
+                self._locals(idle),
+                self._locals(self.state[p]["slow_buffer"] for p in idle),
+                alpha=group["alpha"],
+                lookahead_steps=self._locals(self.state[p]["lookahead_step"] for p in idle),
+                k=group["k"],
+                skip=skip,
+                backend=self.backend,
+            )
+
+    def _update_group_on_host(self, group, params, grads, grad_scale):
         synced = members(group["params"])
         for p in synced:  # slow weights from the params before this step's update
             if "slow_buffer" not in self.state[p]:
-                self.state[p].update(slow_weights(p))
+                self.state[p].update(slow_weights(p, self))
         due = {id(synced[i]) for i in count_and_pick_due([self.state[p] for p in synced], group["k"])}
-        hyper = self._radam_hyper(group, grad_scale)
+        hyper = self._radam_hyper(group, grad_scale, None)
         states = [self._state(p, group) for p in params]
         for t, idx in advance(states).items():
             for sync in (True, False):

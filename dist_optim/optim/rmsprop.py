@@ -8,7 +8,7 @@ from .. import _checks
 from ..distributed.shard import new_state_like
 from ..functional import rmsprop_step
 from ..functional.rmsprop import rmsprop_state_keys
-from .base import FusedOptimizer, step_counter
+from .base import FusedOptimizer
 
 
 class RMSprop(FusedOptimizer):
@@ -38,12 +38,14 @@ class RMSprop(FusedOptimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
         )
         super().__init__(
-            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable
         )
 
     def _check_group(self, group):
@@ -58,14 +60,14 @@ class RMSprop(FusedOptimizer):
 
     def _init_state(self, param, group):
         keys = rmsprop_state_keys(group["momentum"], group["centered"])
-        return {"step": step_counter(), **{k: new_state_like(param) for k in keys if k != "step"}}
+        return {"step": self._new_counter(param), **{k: new_state_like(param) for k in keys if k != "step"}}
 
-    def _update_group(self, group, params, grads, grad_scale):
+    def _update_group(self, group, params, grads, grad_scale, skip):
         keys = rmsprop_state_keys(group["momentum"], group["centered"])[1:]
         # RMSprop's update does not depend on t; the count is kept for torch.optim compatibility.
-        for ps, gs, states, _ in self._step_buckets(group, params, grads, keys):
+        for ps, gs, states, _ in self._step_buckets(group, params, grads, keys, skip):
             rmsprop_step(
                 ps, gs, states, lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                 weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-                grad_scale=grad_scale, backend=self.backend,
+                grad_scale=grad_scale, skip=skip, backend=self.backend,
             )

@@ -38,12 +38,14 @@ class SGD(FusedOptimizer):
         nonfinite: str = "skip",
         backend: str = "auto",
         process_group: Any = None,
+        capturable: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
         super().__init__(
-            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group
+            params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
+            capturable=capturable
         )
 
     def _check_group(self, group):
@@ -63,10 +65,11 @@ class SGD(FusedOptimizer):
     def _init_state(self, param, group):
         return {"momentum_buffer": new_state_like(param)} if group["momentum"] != 0 else {}
 
-    def _update_group(self, group, params, grads, grad_scale):
+    def _update_group(self, group, params, grads, grad_scale, skip):
         hyper = dict(
             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-            weight_decay=group["weight_decay"], nesterov=group["nesterov"], grad_scale=grad_scale, backend=self.backend,
+            weight_decay=group["weight_decay"], nesterov=group["nesterov"], grad_scale=grad_scale, skip=skip,
+            backend=self.backend,
         )
         if group["momentum"] == 0:
             if not params:
