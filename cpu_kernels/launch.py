@@ -47,22 +47,92 @@ class _Contiguous:
 
     def __init__(self) -> None:
         self.back: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.copied = False
 
-    def __call__(self, t: torch.Tensor, written: bool) -> torch.Tensor:
-        if t.is_contiguous():
-            return t
-        c = t.contiguous()
-        if written:
-            self.back.append((t, c))
-        return c
+    def role(self, ts: Tensors, written: bool) -> Tensors:
+        if all(map(torch.Tensor.is_contiguous, ts)):
+            return ts
+        self.copied = True
+        out = []
+        for t in ts:
+            if t.is_contiguous():
+                out.append(t)
+                continue
+            c = t.contiguous()
+            if written:
+                self.back.append((t, c))
+            out.append(c)
+        return out
 
     def finish(self) -> None:
         for t, c in self.back:
             t.copy_(c)
 
 
-def _ptrs(tensors: Sequence[torch.Tensor | None]):
-    return (ctypes.c_void_p * len(tensors))(*[None if t is None else t.data_ptr() for t in tensors])
+class TableCache:
+    """The per-call pointer and size tables (ctypes arrays, one set per dtype bucket), keyed on
+    everything they are built from: the pointers and sizes of every role's tensors, the params' and
+    grads' dtypes and which optional states are present. A steady-state step (same storages every
+    step) then builds nothing from Python lists; computing the key costs a few C-level ``map``s.
+    Oldest entry out first (a hit does not reorder: that would hash the long key a second time,
+    and a run's working set fits anyway); an entry holds only integers, never a tensor."""
+
+    def __init__(self, maxsize: int = 64):
+        self.maxsize = maxsize
+        self._tables: dict = {}
+        self.builds = 0  # tables built so far (tests count them)
+
+    def get(self, key, build):
+        hit = self._tables.get(key)
+        if hit is not None:
+            return hit
+        self.builds += 1
+        built = build()
+        self._tables[key] = built
+        if len(self._tables) > self.maxsize:
+            del self._tables[next(iter(self._tables))]
+        return built
+
+
+# Bounded: one entry per (family's role layout, set of storages) in use — a ZeRO-3 run steps each
+# sub-group separately, and the check pass keys on the grads alone.
+TABLES = TableCache()
+
+_T = torch.Tensor
+_DTYPE = _T.dtype.__get__
+
+
+def _ptr_array(ptrs: Sequence[int]):
+    return (ctypes.c_void_p * len(ptrs))(*ptrs)
+
+
+def _buckets(params: Tensors, grads: Tensors | None) -> dict[tuple[int, int], list[int]]:
+    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        if p.numel() > 0:
+            g = p if grads is None else grads[i]
+            buckets[(DTYPES[p.dtype], DTYPES[g.dtype])].append(i)
+    return buckets
+
+
+def _step_tables(ptrs, numels, params: Tensors, grads: Tensors | None):
+    """[(param dtype, grad dtype, tensors, numel table, P, G, S)] per bucket. ptrs: per role, params
+    first, then grads when present, then every state slot (None where absent); numels: per role
+    present."""
+    sizes = numels[0]
+    if any(ns != sizes for ns in numels[1:]):
+        raise ValueError("cpu_kernels: every grad and state tensor must match its param's size")
+    has_grads = grads is not None
+    states = ptrs[2 if has_grads else 1:]
+    out = []
+    for (pd, gd), idx in _buckets(params, grads).items():
+        pp = [ptrs[0][i] for i in idx]
+        gp = pp if not has_grads else [ptrs[1][i] for i in idx]
+        # Absent optional states (layout None) are null rows the kernel's switches never read.
+        sp = [None if role is None else role[i] for role in states for i in idx]
+        out.append((pd, gd, len(idx), (ctypes.c_int64 * len(idx))(*[sizes[i] for i in idx]),
+                    _ptr_array(pp), _ptr_array(gp), _ptr_array(sp) if sp else None))
+    return out
 
 
 def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequence[Tensors | None],
@@ -71,32 +141,34 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
     sc = (ctypes.c_float * max(1, len(scalars)))(*scalars)
     fl = (ctypes.c_int * max(1, len(flags)))(*[int(f) for f in flags])
     nthreads = max(1, torch.get_num_threads())
-    buckets: dict[tuple[int, int], list[int]] = defaultdict(list)
-    sizes = [p.numel() for p in params]
     for role in ([grads] if grads is not None else []) + [ts for ts in states if ts is not None]:
-        if len(role) != len(params) or any(t.numel() != n for t, n in zip(role, sizes)):
+        if len(role) != len(params):
             raise ValueError("cpu_kernels: every grad and state tensor must match its param's size")
-    for i, p in enumerate(params):
-        if sizes[i] > 0:
-            g = p if grads is None else grads[i]
-            buckets[(DTYPES[p.dtype], DTYPES[g.dtype])].append(i)
     fix = _Contiguous()
-    written: list[torch.Tensor] = []
-    for (pd, gd), idx in buckets.items():
-        ps = [fix(params[i], True) for i in idx]
-        gs = ps if grads is None else [fix(grads[i], False) for i in idx]
-        ss = [None if ts is None else fix(ts[i], True) for ts in states for i in idx]
-        n = len(idx)
-        numel = (ctypes.c_int64 * n)(*[sizes[i] for i in idx])
-        rc = lib.dist_optim_step(family, pd, gd, n, numel, _ptrs(ps), _ptrs(gs), _ptrs(ss) if ss else None,
-                                 len(states), sc, fl, nthreads)
+    ps = fix.role(params, True)
+    gs = None if grads is None else fix.role(grads, False)
+    ss = [None if ts is None else fix.role(ts, True) for ts in states]
+    roles = [ps] + ([gs] if gs is not None else []) + [ts for ts in ss if ts is not None]
+    numels = tuple(tuple(map(_T.numel, ts)) for ts in roles)
+    ptrs = [tuple(map(_T.data_ptr, ts)) for ts in roles]
+    # Absent states keep their place (None) so that S's rows stay where the kernel looks for them.
+    it = iter(ptrs[2 if gs is not None else 1:])
+    ptrs = ptrs[:2 if gs is not None else 1] + [None if ts is None else next(it) for ts in ss]
+    build = lambda: _step_tables(ptrs, numels, ps, gs)  # noqa: E731
+    if fix.copied:  # fresh copies: their pointers say nothing about the next call
+        tables = build()
+    else:
+        key = (family, gs is None, tuple(ptrs), numels, tuple(map(_DTYPE, ps)),
+               None if gs is None else tuple(map(_DTYPE, gs)))
+        tables = TABLES.get(key, build)
+    for pd, gd, n, numel, P, G, S in tables:
+        rc = lib.dist_optim_step(family, pd, gd, n, numel, P, G, S, len(states), sc, fl, nthreads)
         if rc != 0:
             raise RuntimeError(f"cpu_kernels: step of family {family} failed with code {rc}")
-        written += [params[i] for i in idx] + [ts[i] for ts in states if ts is not None for i in idx]
     fix.finish()
     # The library writes through raw pointers: bump the version counters as an in-place torch op
     # would, so autograd still catches a saved param changed before its backward.
-    torch.autograd.graph.increment_version(written)
+    torch.autograd.graph.increment_version(list(params) + [t for ts in states if ts is not None for t in ts])
 
 
 def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale) -> None:
@@ -146,20 +218,36 @@ def lookahead_sync(params, slow_buffers, *, alpha) -> None:
     _launch(LOOKAHEAD, params, None, [slow_buffers], [alpha], [])
 
 
+def _sumsq_tables(ptrs, grads: Tensors):
+    out = []
+    for gd, idx in sorted(_buckets(grads, None).items()):
+        n = len(idx)
+        out.append((gd[0], n, (ctypes.c_int64 * n)(*[grads[i].numel() for i in idx]),
+                    _ptr_array([ptrs[i] for i in idx])))
+    return out
+
+
+# Sums of squares at or above this round to inf in fp32 (FLT_MAX plus half an ulp).
+_F32_OVERFLOW = 2.0**128 - 2.0**103
+
+
 def sumsq_nonfinite(grads: Tensors) -> torch.Tensor:
     """[sum of squares, 1.0 if any element is inf/NaN or the fp32 sum overflowed else 0.0], fp32.
     Partial sums per fixed chunk in fp64, added in chunk order: the same bits at any thread count."""
     lib = library()
     total, bad = ctypes.c_double(0.0), ctypes.c_int(0)
     nthreads = max(1, torch.get_num_threads())
-    buckets: dict[int, list[torch.Tensor]] = defaultdict(list)
-    for g in grads:
-        if g.numel() > 0:
-            buckets[DTYPES[g.dtype]].append(g.contiguous())
-    for gd, gs in sorted(buckets.items()):
-        numel = (ctypes.c_int64 * len(gs))(*[g.numel() for g in gs])
-        if lib.dist_optim_sumsq(gd, len(gs), numel, _ptrs(gs), ctypes.byref(total), ctypes.byref(bad), nthreads) != 0:
+    fix = _Contiguous()
+    gs = fix.role(grads, False)
+    ptrs = tuple(map(_T.data_ptr, gs))
+    build = lambda: _sumsq_tables(ptrs, gs)  # noqa: E731
+    if fix.copied:
+        tables = build()
+    else:
+        tables = TABLES.get(("sumsq", ptrs, tuple(map(_T.numel, gs)), tuple(map(_DTYPE, gs))), build)
+    for gd, n, numel, G in tables:
+        if lib.dist_optim_sumsq(gd, n, numel, G, ctypes.byref(total), ctypes.byref(bad), nthreads) != 0:
             raise RuntimeError("cpu_kernels: sum of squares failed")
-    sumsq = torch.tensor(total.value, dtype=torch.float32)
-    flag = bool(bad.value) or not bool(torch.isfinite(sumsq))
-    return torch.stack([sumsq, torch.tensor(float(flag))])
+    # The comparison is False for NaN too; the kernel flags an inf/NaN element by a non-finite total.
+    flag = bool(bad.value) or not total.value < _F32_OVERFLOW
+    return torch.tensor([total.value, float(flag)], dtype=torch.float32)

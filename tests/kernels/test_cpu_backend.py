@@ -209,6 +209,58 @@ def test_one_call_per_dtype_bucket(monkeypatch):
     assert_match((params, grads, states), ref)
 
 
+def test_tables_are_built_once_per_set_of_storages():
+    """A steady-state step reuses its pointer tables; a tensor moved to new storage (``p.data = ...``),
+    resized in place or given another dtype gets fresh ones, so the kernel never writes a stale
+    address or size."""
+    from cpu_kernels.launch import TABLES
+
+    kw = dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True, amsgrad=False)
+
+    def both(data, ref, step):
+        F.adam_step(*data, step=step, backend="cpu", **kw)
+        F.adam_step(*ref, step=step, backend="torch", **kw)
+        assert_match(data, ref)
+
+    data = make(torch.float32, ["exp_avg", "exp_avg_sq"], sizes=[5, 40000, 3])
+    ref = clone(*data)
+    both(data, ref, 1)
+    builds = TABLES.builds
+    both(data, ref, 2)
+    assert F.grad_sumsq_and_flag(data[1], backend="cpu")[1] == 0
+    built_sumsq = TABLES.builds
+    assert built_sumsq <= builds + 1  # the sum of squares: one table for these grads
+    both(data, ref, 3)
+    F.grad_sumsq_and_flag(data[1], backend="cpu")
+    assert TABLES.builds == built_sumsq  # nothing rebuilt at steady state
+
+    for tensors in (data, ref):  # new storage for param 1 (same values), as a wrapper swapping .data does
+        tensors[0][1].data = tensors[0][1].detach().clone()
+    both(data, ref, 4)
+    assert TABLES.builds == built_sumsq + 1
+    for tensors in (data, ref):  # same storage, fewer elements: the sizes are part of the key too
+        for role in [tensors[0], tensors[1], *tensors[2].values()]:
+            role[1].data = role[1].data[:1000]
+    both(data, ref, 5)
+    assert TABLES.builds == built_sumsq + 2
+    grads = data[1]
+    expected = F.grad_sumsq_and_flag(grads, backend="torch")
+    torch.testing.assert_close(F.grad_sumsq_and_flag(grads, backend="cpu"), expected, rtol=1e-5, atol=0)
+    grads[0].data = grads[0].data.bfloat16()  # another dtype moves the tensor to another bucket
+    torch.testing.assert_close(F.grad_sumsq_and_flag(grads, backend="cpu"),
+                               F.grad_sumsq_and_flag(grads, backend="torch"), rtol=1e-5, atol=0)
+
+
+def test_mismatched_sizes_are_refused_before_any_table_is_kept():
+    params = [torch.zeros(4), torch.zeros(3)]
+    grads = [torch.ones(4), torch.ones(2)]
+    for _ in range(2):  # the second call must not find a table the first one left
+        with pytest.raises(ValueError, match="must match"):
+            F.sgd_step(params, grads, {}, lr=0.1, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                       first_step=True, backend="cpu")
+    assert torch.equal(params[0], torch.zeros(4))
+
+
 def test_written_tensors_bump_their_version_as_in_place_ops_do():
     """Autograd's check that a saved tensor was not modified in place must keep working."""
     params, grads, states = make(torch.float32, ["exp_avg", "exp_avg_sq"], sizes=[5, 3])
