@@ -8,7 +8,15 @@ The update launchers (``sgd_step`` ... ``lookahead_sync``) also take, optionally
   the params' device instead of floats: the kernel reads them there (no host sync, no recompile);
   values that pick a kernel variant (weight_decay != 0, momentum > 0, betas) stay floats;
 - ``skip``: a one-element device tensor; nonzero makes the launch change nothing;
-- ``compile_only=True``: compile what the call would launch, change nothing (warm-up).
+- ``compile_only=True``: compile what the call would launch, change nothing (warm-up);
+- ``steps`` (adam, radam, adagrad): per-param one-element fp32 step counts on the device, from which
+  each tensor's step-derived scalars are computed in the kernel (fp64, as the host does);
+- ``la_steps``, ``k`` (radam, lookahead_sync): per-param Lookahead counts; a tensor syncs when its
+  count is a multiple of k.
+
+``step_control`` decides a step's scale (grad_scale times the clip coefficient), its non-finite skip
+and its gradient norm on the device, and advances the step counters unless the step is skipped: with
+it and ``sumsq_nonfinite``, a step needs no host sync.
 
 Full chunks of 16-byte-aligned tensors run unmasked with 128-bit accesses, tails and unaligned
 tensors masked; ``_aot`` checks the machine code of every specialization (tests/kernels/test_aot.py,
@@ -25,9 +33,11 @@ except ImportError:  # the launchers need triton; supports() is all there is wit
 else:
     from .adagrad import adagrad_step
     from .adam import adam_step
+    from .control import step_control
     from .norm import sumsq_nonfinite
     from .radam import lookahead_sync, radam_step
     from .rmsprop import rmsprop_step
     from .sgd import sgd_step
 
-    __all__ += ["adagrad_step", "adam_step", "lookahead_sync", "radam_step", "rmsprop_step", "sgd_step", "sumsq_nonfinite"]
+    __all__ += ["adagrad_step", "adam_step", "lookahead_sync", "radam_step", "rmsprop_step", "sgd_step", "step_control",
+                "sumsq_nonfinite"]

@@ -98,3 +98,53 @@ def moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_dec
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     return p, m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# Step-derived scalars computed on the device from a per-tensor step count (``steps=``), as the
+# host computes them: in fp64, rounded to fp32 where the host hands its result to the launch.
+
+
+@triton.jit
+def f64(x):
+    """A launcher's fp64 hyperparameter (a parameter annotated ``tl.float64``) as an fp64 scalar.
+    The interpreter passes the Python float itself, which arithmetic would first round to fp32;
+    tl.full converts it exactly (and is a no-op on a compiled fp64 argument)."""
+    return tl.full([], x, tl.float64)
+
+
+@triton.jit
+def lr64(lr, lr_exact):
+    """lr in fp64: read from its device tensor (fp32 there), or the launcher's exact float."""
+    lr = tl.to_tensor(lr)
+    if lr.dtype.is_ptr():
+        return tl.load(lr).to(tl.float64)
+    else:
+        return f64(lr_exact)
+
+
+@triton.jit
+def step_count(STEPS, t):
+    """Tensor t's step count from a counter pointer table, in fp64."""
+    return tl.load(chunk_base(STEPS, t, 0, tl.float32)).to(tl.float64)
+
+
+@triton.jit
+def powers(beta1, beta2, step):
+    """(beta1**step, beta2**step) in fp64 by binary exponentiation over the bits of int(step): a
+    multiply-only loop (nothing for the compiler to contract into an FMA), the same few roundings on
+    every device. Python's ``beta**step`` (C pow) can differ in the last bits of the fp64 result;
+    the fp32 values derived from it round the same (see tests/kernels/test_device_step.py)."""
+    a = tl.full([], 1.0, tl.float64)
+    b = tl.full([], 1.0, tl.float64)
+    base_a = beta1
+    base_b = beta2
+    n = step.to(tl.int32)
+    while n > 0:
+        odd = (n & 1) != 0
+        a = tl.where(odd, a * base_a, a)
+        b = tl.where(odd, b * base_b, b)
+        base_a = base_a * base_a
+        base_b = base_b * base_b
+        n = n >> 1
+    return a, b

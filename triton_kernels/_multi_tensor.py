@@ -13,6 +13,10 @@ accesses. Chunk starts are multiples of CHUNK, so an aligned tensor's full chunk
 Addresses are int64: a chunk's base is pointer + int64 start, and offsets inside a chunk are
 below CHUNK.
 
+Some roles are per tensor, not per element: a one-element fp32 counter per tensor (its step count,
+its Lookahead count), which a program reads once to derive its own scalars. They get a pointer
+table like any role, and take no part in deciding which chunks are fast.
+
 Tables depend only on the pointers and sizes, so they are cached (``TableCache``, bounded) under
 exactly that key: a step over the same storage reuses them, and any storage change misses.
 
@@ -25,7 +29,7 @@ to the choice past 1024 elements x 4 warps.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -63,6 +67,15 @@ def check(name: str, reference: Sequence[torch.Tensor], tensors: Sequence[torch.
             raise ValueError(f"{name}[{i}] is {t.dtype}; optimizer state must be fp32")
 
 
+def check_counters(name: str, reference: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]) -> None:
+    """One one-element fp32 tensor per param, on its param's device (any shape: 0-dim is typical)."""
+    if len(counters) != len(reference):
+        raise ValueError(f"{name}: {len(counters)} tensors for {len(reference)} params")
+    for i, (r, c) in enumerate(zip(reference, counters)):
+        if not isinstance(c, torch.Tensor) or c.numel() != 1 or c.dtype != torch.float32 or c.device != r.device:
+            raise ValueError(f"{name}[{i}] must be a one-element fp32 tensor on {r.device}")
+
+
 def buckets(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None) -> dict:
     """Indices of the non-empty tensors per (param dtype, grad dtype, device), in order."""
     out: dict = defaultdict(list)
@@ -90,26 +103,46 @@ class TableCache:
         self._tables: OrderedDict = OrderedDict()
         self.builds = 0  # tables built so far (tests count them)
 
-    def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device):
+    def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
+            elementwise: int | None = None):
         """(pointer table per role — the first role's stands in for absent ones, which the kernel's
-        constexpr switches never read — chunk table, number of chunks)."""
+        constexpr switches never read — chunk table, number of chunks). Roles past the first
+        ``elementwise`` (default: all) are per-tensor counters: tabled, but a counter's address does
+        not decide whether its tensor's chunks are fast."""
         first = [roles[0][i] for i in idx]
         ptrs = tuple(tuple(role[i].data_ptr() for i in idx) if role is not None else None for role in roles)
         numels = tuple(t.numel() for t in first)
         key = (device, ptrs, numels)
-        hit = self._tables.get(key)
+        hit = self._lookup(key)
         if hit is not None:
-            self._tables.move_to_end(key)
             return hit
-        self.builds += 1
         filled = [p if p is not None else ptrs[0] for p in ptrs]
-        aligned = [all(p[j] % ALIGN == 0 for p in filled) for j in range(len(idx))]
+        aligned = [all(p[j] % ALIGN == 0 for p in filled[:elementwise]) for j in range(len(idx))]
         rows = chunk_rows(numels, aligned)
-        built = (
+        return self._store(key, (
             [torch.tensor(p, dtype=torch.int64, device=device) for p in filled],
             torch.tensor(rows, dtype=torch.int64, device=device),
             len(rows) // CHUNK_ROW,
-        )
+        ))
+
+    def pointers(self, tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+        """An int64 device table of the tensors' data pointers (e.g. every step counter of a step).
+        An empty list gets one null entry: a kernel argument needs an allocation behind it, though
+        the kernel reads no entry."""
+        key = ("pointers", device, tuple(t.data_ptr() for t in tensors))
+        hit = self._lookup(key)
+        if hit is not None:
+            return hit
+        return self._store(key, torch.tensor(key[2] or (0,), dtype=torch.int64, device=device))
+
+    def _lookup(self, key):
+        hit = self._tables.get(key)
+        if hit is not None:
+            self._tables.move_to_end(key)
+        return hit
+
+    def _store(self, key, built):
+        self.builds += 1
         self._tables[key] = built
         if len(self._tables) > self.maxsize:
             self._tables.popitem(last=False)
@@ -122,8 +155,9 @@ class TableCache:
 TABLES = TableCache()
 
 
-def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device):
-    return TABLES.get(roles, idx, device)
+def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
+           elementwise: int | None = None):
+    return TABLES.get(roles, idx, device, elementwise)
 
 
 def device_scalar(name: str, value, device: torch.device):
@@ -147,20 +181,46 @@ def skip_flag(skip, device: torch.device):
     return skip, True
 
 
+def step_scalars(steps, values):
+    """The launcher's step-derived scalars: placeholders when the kernel derives them from
+    ``steps``, else the caller's (all of them required)."""
+    if steps is None:
+        if any(v is None for v in values):
+            raise ValueError("without steps=, the step-derived scalars must be given")
+        return values
+    if any(v is not None for v in values):
+        raise ValueError("with steps=, the kernel derives the step-derived scalars: pass None for them")
+    return [0.0] * len(values)
+
+
+def exact(value) -> float:
+    """A float hyperparameter for an fp64 kernel argument (0.0 where it is a device tensor: the
+    kernel reads that one)."""
+    return 0.0 if isinstance(value, torch.Tensor) else float(value)
+
+
 def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence,
-           compile_only: bool = False, skip: torch.Tensor | None = None, **constexprs) -> None:
-    """Run an update kernel ``kernel[(chunks,)](P, G, *states, CHUNKS, SKIP, *scalars, ...)`` once per
-    bucket. ``states`` entries may be None (the kernel's switches say they are absent). Scalars are
-    floats or one-element fp32 device tensors (``device_scalar``). ``skip``: a one-element device
-    tensor; where it is nonzero the kernel changes nothing (a step skipped on the device, e.g. on a
-    non-finite gradient, without a host sync). ``compile_only``: compile what this call would launch
-    and change nothing (warm-up before a run, so no step compiles mid-training)."""
+           compile_only: bool = False, skip: torch.Tensor | None = None,
+           counters: Mapping[str, Sequence[torch.Tensor] | None] | None = None, **constexprs) -> None:
+    """Run an update kernel ``kernel[(chunks,)](P, G, *states, *COUNTERS, CHUNKS, SKIP, *scalars, ...)``
+    once per bucket. ``states`` and ``counters`` entries may be None (the kernel's switches say they
+    are absent). ``counters``: per-tensor roles by name, in the kernel's order, each one one-element
+    fp32 device tensor per param (step counts the kernel reads). Scalars are floats or one-element
+    fp32 device tensors (``device_scalar``). ``skip``: a one-element device tensor; where it is nonzero the kernel
+    changes nothing (a step skipped on the device, e.g. on a non-finite gradient, without a host
+    sync). ``compile_only``: compile what this call would launch and change nothing (warm-up before
+    a run, so no step compiles mid-training)."""
     check("grads", params, grads, fp32=False)
     for s in states:
         if s is not None:
             check("state", params, s, fp32=True)
+    counters = counters or {}
+    for name, c in counters.items():
+        if c is not None:
+            check_counters(name, params, c)
+    elementwise = 2 + len(states)
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
-        ptrs, chunks, n = tables([params, grads, *states], idx, device)
+        ptrs, chunks, n = tables([params, grads, *states, *counters.values()], idx, device, elementwise)
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
         _launch.run(

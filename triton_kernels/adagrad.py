@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, load_param_and_grad, scalar
+from ._jit import aligned_base, chunk_base, chunk_of, f64, load_param_and_grad, lr64, scalar, step_count
 
 
 @triton.jit
@@ -20,11 +20,27 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, clr, weight_decay, eps, grad
 
 
 @triton.jit
-def _adagrad_kernel(P, G, S, CHUNKS, SKIP, clr, weight_decay, eps, grad_scale,
+def adagrad_clr(STEPS, t, lr, lr_exact, lr_decay):
+    """lr / (1 + (t - 1) * lr_decay) of tensor t at its own step count, as
+    dist_optim.functional.adagrad.adagrad_clr computes it on the host (fp64), rounded to fp32. The
+    product goes through a select (with no constant arm to fold the add into) so that no compiler
+    contracts it into the add: an FMA would round once where the host rounds twice."""
+    step = step_count(STEPS, t)
+    decay = tl.where(step == 1.0, step - 1.0, (step - 1.0) * f64(lr_decay))
+    return (lr64(lr, lr_exact) / (1.0 + decay)).to(tl.float32)
+
+
+@triton.jit
+def _adagrad_kernel(P, G, S, STEPS, CHUNKS, SKIP, clr, weight_decay, eps, grad_scale, lr, lr_exact: tl.float64,
+                    lr_decay: tl.float64,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_WD: tl.constexpr, HAS_SKIP: tl.constexpr):
+                    HAS_WD: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_STEPS: tl.constexpr):
+    # HAS_STEPS: clr comes from this tensor's step count (STEPS), lr and lr_decay; else it is the launcher's.
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
-    clr = scalar(clr)
+    if HAS_STEPS:
+        clr = adagrad_clr(STEPS, t, lr, lr_exact, lr_decay)
+    else:
+        clr = scalar(clr)
     weight_decay = scalar(weight_decay)
     eps = scalar(eps)
     grad_scale = scalar(grad_scale)
@@ -40,9 +56,16 @@ def _adagrad_kernel(P, G, S, CHUNKS, SKIP, clr, weight_decay, eps, grad_scale,
             _adagrad_block(p, g, s, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
 
 
-def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale, compile_only: bool = False,
-                 skip=None) -> None:
+def adagrad_step(params, grads, states, *, clr=None, weight_decay, eps, grad_scale, compile_only: bool = False,
+                 skip=None, steps=None, lr=None, lr_decay=None) -> None:
+    """``clr``: the host's lr / (1 + (t - 1) * lr_decay); or ``steps`` (one one-element fp32 device
+    tensor per param, its step count t >= 1 already advanced) with ``lr`` (float or one-element fp32
+    device tensor) and ``lr_decay`` (float), and each tensor's clr is derived from its own t."""
+    if steps is not None and (lr is None or lr_decay is None):
+        raise ValueError("adagrad_step with steps= needs lr and lr_decay")
     _multi_tensor.launch(
-        _adagrad_kernel, params, grads, [states["sum"]], [clr, weight_decay, eps, grad_scale], compile_only, skip,
-        HAS_WD=weight_decay != 0.0,
+        _adagrad_kernel, params, grads, [states["sum"]],
+        [*_multi_tensor.step_scalars(steps, [clr]), weight_decay, eps, grad_scale, 0.0 if lr is None else lr,
+         _multi_tensor.exact(0.0 if lr is None else lr), 0.0 if lr_decay is None else float(lr_decay)],
+        compile_only, skip, {"steps": steps}, HAS_WD=weight_decay != 0.0, HAS_STEPS=steps is not None,
     )

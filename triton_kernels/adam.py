@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, moments, scalar
+from ._jit import aligned_base, chunk_base, chunk_of, f64, lr64, moments, powers, scalar, step_count
 
 
 @triton.jit
@@ -24,19 +24,35 @@ def _adam_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, offs, mask, lr, beta1, bet
 
 
 @triton.jit
-def _adam_kernel(P, G, M, V, VMAX, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
-                 bias_correction2_sqrt, grad_scale,
+def adam_scalars(STEPS, t, lr, lr_exact, beta1_exact, beta2_exact):
+    """(step_size, bias_correction2_sqrt) of tensor t at its own step count, as
+    dist_optim.functional.adam computes them on the host: lr / (1 - beta1**t) and
+    sqrt(1 - beta2**t) in fp64, each rounded to fp32 (as a float argument is)."""
+    beta1_t, beta2_t = powers(f64(beta1_exact), f64(beta2_exact), step_count(STEPS, t))
+    step_size = lr64(lr, lr_exact) / (1.0 - beta1_t)
+    return step_size.to(tl.float32), tl.sqrt(1.0 - beta2_t).to(tl.float32)
+
+
+@triton.jit
+def _adam_kernel(P, G, M, V, VMAX, STEPS, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
+                 bias_correction2_sqrt, grad_scale, lr_exact: tl.float64, beta1_exact: tl.float64,
+                 beta2_exact: tl.float64,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr, LERP_LOW: tl.constexpr,
-                 HAS_SKIP: tl.constexpr):
+                 HAS_SKIP: tl.constexpr, HAS_STEPS: tl.constexpr):
+    # HAS_STEPS: step_size and bias_correction2_sqrt come from this tensor's step count (STEPS), from
+    # the exact (fp64) lr, beta1 and beta2; otherwise they are the launcher's.
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    if HAS_STEPS:
+        step_size, bias_correction2_sqrt = adam_scalars(STEPS, t, lr, lr_exact, beta1_exact, beta2_exact)
+    else:
+        step_size = scalar(step_size)
+        bias_correction2_sqrt = scalar(bias_correction2_sqrt)
     lr = scalar(lr)
     beta1 = scalar(beta1)
     beta2 = scalar(beta2)
     eps = scalar(eps)
     weight_decay = scalar(weight_decay)
-    step_size = scalar(step_size)
-    bias_correction2_sqrt = scalar(bias_correction2_sqrt)
     grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
@@ -55,11 +71,18 @@ def _adam_kernel(P, G, M, V, VMAX, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_d
                         step_size, bias_correction2_sqrt, grad_scale, P_DTYPE, HAS_WD, DECOUPLED, AMSGRAD, LERP_LOW)
 
 
-def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size,
-              bias_correction2_sqrt, grad_scale, compile_only: bool = False, skip=None) -> None:
+def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size=None,
+              bias_correction2_sqrt=None, grad_scale, compile_only: bool = False, skip=None, steps=None) -> None:
+    """``steps``: one one-element fp32 device tensor per param holding its step count t >= 1, already
+    advanced for this step; the kernel then derives step_size and bias_correction2_sqrt per tensor
+    (pass None for them). Without ``steps`` the caller passes both."""
     _multi_tensor.launch(
         _adam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["max_exp_avg_sq"] if amsgrad else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, grad_scale], compile_only, skip,
+        [lr, beta1, beta2, eps, weight_decay, *_multi_tensor.step_scalars(steps, [step_size, bias_correction2_sqrt]), grad_scale,
+         _multi_tensor.exact(lr), float(beta1), float(beta2)],
+        compile_only, skip, {"steps": steps},
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), LERP_LOW=(1.0 - beta1) < 0.5,
+        HAS_STEPS=steps is not None,
     )
+

@@ -1,22 +1,23 @@
 """RAdam in one pass, with Ranger's Lookahead sync folded in on sync steps, and the sync alone
-(see dist_optim.functional.radam and .lookahead)."""
+(see dist_optim.functional.radam and .lookahead). A step's rectification and step size can come from
+each tensor's own step count on the device (``steps=``), and whether a tensor syncs from its own
+Lookahead count (``la_steps=``, ``k=``): no host sync decides either."""
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, moments, scalar
+from ._jit import aligned_base, chunk_base, chunk_of, f64, lr64, moments, powers, scalar, step_count
 
 
 @triton.jit
 def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, offs, mask, lr, beta1, beta2, eps, weight_decay, step_size,
                  lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr,
                  DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr, LERP_LOW: tl.constexpr):
-    # RECTIFIED and SYNC: False, True, or 2 = decided at run time by a device flag (rect; sync_limit:
-    # the chunk-local end of the elements to sync, 0 on a step without sync).
+    # RECTIFIED and SYNC: False, True, or 2 = decided per tensor at run time from its counters (rect;
+    # sync_limit: the chunk-local end of the elements to sync, 0 when the tensor does not sync).
     p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
                       HAS_WD, DECOUPLED, LERP_LOW)
     if RECTIFIED == 2:
@@ -40,22 +41,56 @@ def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, offs, mask, lr, beta1, be
 
 
 @triton.jit
-def _radam_kernel(P, G, M, V, SLOW, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
-                  lookahead_alpha, grad_scale, rect_flag, sync_flag,
+def radam_scalars(STEPS, t, lr, lr_exact, beta1_exact, beta2_exact, rho_threshold):
+    """(rectified, step_size) of tensor t at its own step count, as
+    dist_optim.functional.radam.radam_step_size computes them on the host, operation for operation
+    in fp64; the step size rounded to fp32 (as a float argument is)."""
+    step = step_count(STEPS, t)
+    beta2 = f64(beta2_exact)
+    beta1_t, beta2_t = powers(f64(beta1_exact), beta2, step)
+    lr = lr64(lr, lr_exact)
+    bias_correction1 = 1.0 - beta1_t
+    rho_inf = 2.0 / (1.0 - beta2) - 1.0
+    rho_t = rho_inf - 2.0 * step * beta2_t / (1.0 - beta2_t)
+    rectified = rho_t > f64(rho_threshold)
+    ratio = (rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t)
+    rect = tl.sqrt(tl.where(rectified, ratio, 1.0))  # the ratio can be negative where it goes unused
+    adaptive = lr * rect * tl.sqrt(1.0 - beta2_t) / bias_correction1
+    step_size = tl.where(rectified, adaptive, lr / bias_correction1)
+    return rectified, step_size.to(tl.float32)
+
+
+@triton.jit
+def syncs(LA_STEPS, t, k):
+    """Whether tensor t takes Lookahead's sync this step: its (advanced) count is a multiple of k (a
+    float argument, as every hyperparameter: an int would specialize the kernel on k == 1)."""
+    return step_count(LA_STEPS, t).to(tl.int32) % scalar(k).to(tl.int32) == 0
+
+
+@triton.jit
+def _radam_kernel(P, G, M, V, SLOW, STEPS, LA_STEPS, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
+                  lookahead_alpha, grad_scale, k, lr_exact: tl.float64, beta1_exact: tl.float64,
+                  beta2_exact: tl.float64, rho_threshold: tl.float64,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
                   LERP_LOW: tl.constexpr, HAS_SKIP: tl.constexpr):
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    if RECTIFIED == 2:
+        rect, step_size = radam_scalars(STEPS, t, lr, lr_exact, beta1_exact, beta2_exact, rho_threshold)
+    else:
+        rect = RECTIFIED
+        step_size = scalar(step_size)
+    if SYNC == 2:
+        do_sync = syncs(LA_STEPS, t, k)
+    else:
+        do_sync = SYNC
     lr = scalar(lr)
     beta1 = scalar(beta1)
     beta2 = scalar(beta2)
     eps = scalar(eps)
     weight_decay = scalar(weight_decay)
-    step_size = scalar(step_size)
     lookahead_alpha = scalar(lookahead_alpha)
     grad_scale = scalar(grad_scale)
-    rect = scalar(rect_flag) != 0.0
-    do_sync = scalar(sync_flag) != 0.0
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
         m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
@@ -87,11 +122,16 @@ def _sync_block(p_ptr, slow_ptr, offs, mask, alpha, P_DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _sync_kernel(P, G, SLOW, CHUNKS, SKIP, alpha,
+def _sync_kernel(P, G, SLOW, LA_STEPS, CHUNKS, SKIP, alpha, k,
                  P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                 HAS_SKIP: tl.constexpr):
-    # G is the launcher's grad role, unused: the sync reads no gradient.
+                 HAS_SKIP: tl.constexpr, HAS_LA_STEPS: tl.constexpr):
+    # G is the launcher's grad role, unused: the sync reads no gradient. With HAS_LA_STEPS, a tensor
+    # whose Lookahead count is no multiple of k gets an empty chunk: nothing read, nothing written.
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    if HAS_LA_STEPS:
+        do_sync = syncs(LA_STEPS, t, k)
+        end = tl.where(do_sync, end, start)
+        fast = fast & do_sync
     alpha = scalar(alpha)
     if fast:
         p, slow = aligned_base(P, t, start, P_DTYPE), aligned_base(SLOW, t, start, tl.float32)
@@ -104,23 +144,50 @@ def _sync_kernel(P, G, SLOW, CHUNKS, SKIP, alpha,
             _sync_block(p, slow, offs, offs < end - start, alpha, P_DTYPE)
 
 
-def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,
-               lookahead_alpha, grad_scale, compile_only: bool = False, skip=None, sync=None) -> None:
-    """``rectified``: a bool, or a one-element fp32 device flag (nonzero: the adaptive step), for a
-    step whose rectification is decided on the device. With ``lookahead_alpha`` set, Ranger's sync
-    is folded in: on every call, or, given ``sync`` (a one-element fp32 device flag), only where it
-    is nonzero — the slow weights are then read and written on sync steps only."""
+def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified=None,
+               step_size=None, lookahead_alpha, grad_scale, compile_only: bool = False, skip=None, steps=None,
+               rho_threshold=None, la_steps=None, k=None) -> None:
+    """``rectified`` (bool) and ``step_size``: the host's decision and size; or ``steps`` (one
+    one-element fp32 device tensor per param, its step count t >= 1 already advanced) with
+    ``rho_threshold`` (float), and each tensor's are derived from its own t (pass None for
+    rectified and step_size). With ``lookahead_alpha`` set, Ranger's sync is folded in: for every
+    tensor, or, given ``la_steps`` (per-param one-element fp32 Lookahead counters, already advanced)
+    and ``k``, for the tensors whose count is a multiple of k — the slow weights are read and written
+    only for those."""
     has_slow = lookahead_alpha is not None
-    rect_on_device = isinstance(rectified, torch.Tensor)
+    if steps is not None and rho_threshold is None:
+        raise ValueError("radam_step with steps= needs rho_threshold")
+    if rectified is None and steps is None:
+        raise ValueError("radam_step needs rectified and step_size, or steps=")
+    la = sync_counters(has_slow, la_steps, k)
     _multi_tensor.launch(
         _radam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["slow_buffer"] if has_slow else None],
-        [lr, beta1, beta2, eps, weight_decay, step_size, lookahead_alpha if has_slow else 0.0, grad_scale,
-         rectified if rect_on_device else 0.0, sync if has_slow and sync is not None else 0.0], compile_only, skip,
-        HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=2 if rect_on_device else bool(rectified),
-        SYNC=(2 if sync is not None else True) if has_slow else False, LERP_LOW=(1.0 - beta1) < 0.5,
+        [lr, beta1, beta2, eps, weight_decay, *_multi_tensor.step_scalars(steps, [step_size]),
+         lookahead_alpha if has_slow else 0.0, grad_scale, float(k) if la is not None else 1.0,
+         _multi_tensor.exact(lr), float(beta1), float(beta2), 0.0 if rho_threshold is None else float(rho_threshold)],
+        compile_only, skip, {"steps": steps, "la_steps": la},
+        HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=2 if steps is not None else bool(rectified),
+        SYNC=(2 if la is not None else True) if has_slow else False, LERP_LOW=(1.0 - beta1) < 0.5,
     )
 
 
-def lookahead_sync(params, slow_buffers, *, alpha, compile_only: bool = False, skip=None) -> None:
-    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha], compile_only, skip)
+def lookahead_sync(params, slow_buffers, *, alpha, la_steps=None, k=None, compile_only: bool = False,
+                   skip=None) -> None:
+    """slow += alpha * (p - slow); p = slow: for every tensor, or, given ``la_steps`` (per-param
+    one-element fp32 Lookahead counters, already advanced) and ``k``, for those whose count is a
+    multiple of k."""
+    la = sync_counters(True, la_steps, k)
+    _multi_tensor.launch(_sync_kernel, params, params, [slow_buffers], [alpha, float(k) if la is not None else 1.0],
+                         compile_only, skip, {"la_steps": la}, HAS_LA_STEPS=la is not None)
+
+
+def sync_counters(has_slow: bool, la_steps, k):
+    """la_steps when the sync is decided per tensor on the device, else None."""
+    if la_steps is None:
+        return None
+    if not has_slow:
+        raise ValueError("la_steps= needs lookahead_alpha")
+    if k is None or int(k) < 1:
+        raise ValueError(f"la_steps= needs k >= 1, got {k!r}")
+    return la_steps

@@ -358,20 +358,3 @@ def test_a_clear_skip_flag_steps_as_without_one(device):
     triton_kernels.adam_step(*plain, **ADAM_KW)
     triton_kernels.adam_step(*flagged, **ADAM_KW, skip=torch.zeros(1, device=device))
     _states_equal(plain, flagged)
-
-
-@pytest.mark.parametrize("rectified", [False, True])
-@pytest.mark.parametrize("sync", [None, False, True], ids=["radam", "ranger-no-sync", "ranger-sync"])
-def test_radam_switches_decided_on_the_device_give_the_same_bits(device, rectified, sync):
-    """rectified / Ranger's sync given as device flags (a sync-free step cannot know the step count
-    on the host) equal the host-decided switches bit for bit."""
-    keys = ["exp_avg", "exp_avg_sq"] + (["slow_buffer"] if sync is not None else [])
-    host = make(torch.bfloat16, device, keys)
-    dev = clone(*host)
-    kw = dict(lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.05, decoupled=True, step_size=0.02,
-              grad_scale=1.3)
-    flag = lambda b: torch.tensor([float(b)], device=device)  # noqa: E731
-    triton_kernels.radam_step(*host, rectified=rectified, lookahead_alpha=0.3 if sync else None, **kw)
-    triton_kernels.radam_step(*dev, rectified=flag(rectified), lookahead_alpha=None if sync is None else 0.3,
-                              sync=None if sync is None else flag(sync), **kw)
-    _states_equal(host, dev)
