@@ -24,6 +24,7 @@ import json
 import math
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -192,7 +193,16 @@ def cpu_variants(name: str, dtype: torch.dtype):
     out.append(("dist_optim[cpu]", lambda ps: ours(ps, **kw, backend="cpu", nonfinite="apply").step))
     out.append(("dist_optim[cpu] skip-check", lambda ps: ours(ps, **kw, backend="cpu").step))
     out.append(("dist_optim[cpu] clip", lambda ps: ours(ps, **kw, backend="cpu", max_grad_norm=1.0).step))
+    out.append(("check pass alone", check_pass))
     return out
+
+
+def check_pass(params):
+    """What skip-check and clip add: the fused sum of squares and non-finite flag over the grads."""
+    from dist_optim.functional import grad_sumsq_and_flag
+
+    grads = [p.grad for p in params]
+    return lambda: grad_sumsq_and_flag(grads, backend="cpu")
 
 
 def step_bytes(name: str, dtype: torch.dtype) -> int:
@@ -232,8 +242,9 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
         del steps
         floor = results["in-place mul_ floor"]
         for label, secs in results.items():
+            moved = torch.finfo(dtype).bits // 8 if label == "check pass alone" else nbytes  # it reads the grads only
             row = dict(optimizer=name, dtype=str(dtype).replace("torch.", ""), impl=label, numel=numel, ms=1e3 * secs,
-                       gbs=nbytes * numel / secs / 1e9, vs_floor=secs / floor, warmup_s=warmup_s.get(label))
+                       gbs=moved * numel / secs / 1e9, vs_floor=secs / floor, warmup_s=warmup_s.get(label))
             rows.append(row)
             print(f"{name:8s} {row['dtype']:9s} {label:32s} {1e3 * secs:9.2f} ms  x{secs / floor:5.2f} floor"
                   + (f"  (first step {warmup_s[label]:.2f} s)" if label in warmup_s else ""), flush=True)
@@ -250,6 +261,8 @@ def markdown_cpu(result: dict) -> str:
     lines = [
         f"# CPU optimizer step on {result['device']}",
         "",
+        f"`{result.get('command', 'python benchmarks/step_throughput.py --device cpu')}`",
+        "",
         f"torch {result['torch']}, {result['threads']} threads, {result['rows'][0]['numel']:,} params in "
         f"{result['tensors']} tensors; median of {result['repeats']} steps, every contender of a row group timed "
         "in turn within each repeat. `x floor`: this time over the in-place `mul_` over as many bytes as the "
@@ -257,7 +270,9 @@ def markdown_cpu(result: dict) -> str:
         "fused CPU AdamW (fp32) in the same run; `x DS`: over DeepSpeedCPUAdam with the same params. "
         "`first step` includes building state and any compilation (torch.compile) or library load. "
         "dist_optim[cpu] is the fused CPU backend (what backend='auto' runs on CPU); `skip-check` adds the default "
-        "non-finite check (one fused read of the grads), `clip` max_grad_norm=1.0. "
+        "non-finite check (one fused read of the grads), `clip` max_grad_norm=1.0; `check pass alone` is that read "
+        "by itself (the grads' sum of squares and non-finite flag; its GB/s counts the grads only), so its `x floor` "
+        "is the check's share of a step at the update's bandwidth. "
         "Where the cores are shared with other work, a kernel that forks and joins threads once per tensor "
         "(torch fused, DeepSpeedCPUAdam) waits on descheduled threads at every join, while ours joins once per step: "
         "compare kernels at one thread, and read full-thread tables on a shared machine as what that machine gave.",
@@ -321,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
         for nthreads in threads:
             torch.set_num_threads(nthreads)
             results += [run_cpu(numel, args.repeats or 15, names, args.tensors) for numel in sizes]
+        command = " ".join(["python benchmarks/step_throughput.py", *(argv if argv is not None else sys.argv[1:])])
+        for r in results:
+            r["command"] = command
         result = {"tables": results}
         text = "\n".join(markdown_cpu(r) for r in results)
     else:
