@@ -5,6 +5,23 @@ checkpoints (``checkpoint``), byte accounting (``accounting``).
 
 These are torch references; triton_kernels._quant holds the in-kernel versions, equal bit for bit.
 This layer imports torch (and may use triton_kernels' launchers), never the optimizers.
+
+The int8 format an optimizer's state is to take (``state_dtype="int8"``):
+- which maps: first moments (Adam exp_avg, SGD momentum_buffer, RMSprop grad_avg and
+  momentum_buffer) use ``codes.SIGNED``, second moments (Adam exp_avg_sq and max_exp_avg_sq,
+  Adagrad sum, RMSprop square_avg) ``codes.UNSIGNED``; block 256 (``MAX_BLOCK``);
+- per state tensor of a param's local shard of n elements: ``codes`` uint8 [n] (shaped like the
+  flat shard) and ``absmax`` fp32 [ceil(n / block)], block 0 starting at the shard's element 0;
+  params of fewer than ``MIN_QUANTIZED_NUMEL`` elements in all (decided on the full param, so all
+  ranks agree) keep fp32 state;
+- kernels: a tile must hold whole quantization blocks and start on one (block | BLOCK and
+  block | CHUNK, see triton_kernels._quant); elements past a tensor's end enter the quantizer
+  as 0.0;
+- checkpoints: the block layout depends on the shard boundaries, so int8 state saved by one
+  world size is not a slice of the same global tensor for another. Either save fp32 (``to_fp32``;
+  any resharding, 4 bytes per element) or save codes and absmax with the shard boundaries and
+  ``reblock`` on load (lossless when all boundaries are multiples of the block, otherwise one
+  more rounding, bounded in ``checkpoint``).
 """
 
 from .accounting import MIN_QUANTIZED_NUMEL, StateBytes, int8_state_bytes, quantizes, state_bytes, tensor_bytes
