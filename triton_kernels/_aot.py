@@ -86,6 +86,7 @@ def spec_of(kernel, args, kwargs) -> dict:
         "attrs": [[list(path), value] for path, value in sorted(attrs.items()) if value],
         "num_warps": options.num_warps,
         "num_stages": options.num_stages,
+        "enable_fp_fusion": options.enable_fp_fusion,  # off where a kernel must round as the host does
     }
 
 
@@ -153,7 +154,8 @@ def compile_spec(spec: dict, arch: int):
     constexprs = {tuple(path): _dtype_value(value) for path, value in spec["constexprs"]}
     attrs = {tuple(path): value for path, value in spec["attrs"]}
     src = ASTSource(fn, spec["signature"], constexprs, attrs)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"], "enable_fp_fusion": True}
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
+               "enable_fp_fusion": spec.get("enable_fp_fusion", True)}
     log = io.StringIO()
     knobs = triton.knobs
     previous = knobs.nvidia.dump_ptxas_log, knobs.cache.dir

@@ -23,10 +23,11 @@ def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, clr, weight_decay, eps, grad
 def adagrad_clr(STEPS, t, lr, lr_exact, lr_decay):
     """lr / (1 + (t - 1) * lr_decay) of tensor t at its own step count, as
     dist_optim.functional.adagrad.adagrad_clr computes it on the host (fp64), rounded to fp32. The
-    product goes through a select (with no constant arm to fold the add into) so that no compiler
-    contracts it into the add: an FMA would round once where the host rounds twice."""
+    product is fma(a, b, +0.0) — a * b rounded once — so that no compiler contracts it into the add
+    (a plain product was, even through a select): one FMA would round once where the host rounds
+    twice."""
     step = step_count(STEPS, t)
-    decay = tl.where(step == 1.0, step - 1.0, (step - 1.0) * f64(lr_decay))
+    decay = tl.fma(step - 1.0, f64(lr_decay), tl.full([], 0.0, tl.float64))
     return (lr64(lr, lr_exact) / (1.0 + decay)).to(tl.float32)
 
 

@@ -5,6 +5,7 @@ Lookahead count (``la_steps=``, ``k=``): no host sync decides either."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
@@ -159,6 +160,8 @@ def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, de
         raise ValueError("radam_step with steps= needs rho_threshold")
     if rectified is None and steps is None:
         raise ValueError("radam_step needs rectified and step_size, or steps=")
+    if isinstance(rectified, torch.Tensor):
+        raise ValueError("rectified is the host's bool; for a decision on the device pass steps=")
     la = sync_counters(has_slow, la_steps, k)
     _multi_tensor.launch(
         _radam_kernel, params, grads,

@@ -12,8 +12,9 @@ on a value that can be large (program index, parameter, loaded value); an update
 128-bit global loads and stores (the sum-of-squares kernel reads only: 128-bit loads).
 
 ``RUNS`` sets every switch of every kernel at fp32 params, and runs each optimizer's default at
-bf16 and fp16 params; ``run_sync_free_launches`` adds the launchers' device-scalar / skip-flag form. Specs are deduplicated; nothing is cached between runs (a temporary Triton
-cache), two compile workers.
+bf16 and fp16 params; ``run_sync_free_launches`` adds the launchers' sync-free form (device
+scalars, skip flags, per-tensor step and Lookahead counts, step_control), called directly. Specs are
+deduplicated; nothing is cached between runs (a temporary Triton cache), two compile workers.
 """
 
 from __future__ import annotations
@@ -95,23 +96,45 @@ def run_optimizers(device: torch.device) -> None:
 
 
 def run_sync_free_launches(device: torch.device) -> None:
-    """The launchers' sync-free form (per-step values as device tensors, a device skip flag; RAdam's
-    rectification and Ranger's sync decided by device flags), which the optimizers do not use yet:
-    Adam and Ranger at fp32 and bf16 params."""
+    """The launchers' sync-free form, called directly so that it is audited whatever the optimizers
+    launch: per-step values as device tensors and views of a step_control tensor, a device skip
+    flag, step-derived scalars from per-tensor step counts (steps=), Lookahead's sync per tensor
+    (la_steps=), and step_control itself with every switch; at fp32 and bf16 params."""
     for dtype in (torch.float32, torch.bfloat16):
         gen = torch.Generator().manual_seed(0)
         params = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
         grads = [torch.randn(300, generator=gen).to(device=device, dtype=dtype)]
-        states = {k: [torch.zeros(300, device=device)] for k in ("exp_avg", "exp_avg_sq")}
+        states = {k: [torch.zeros(300, device=device)] for k in ("exp_avg", "exp_avg_sq", "sum", "slow_buffer")}
         one = torch.ones(1, device=device)
         skip = torch.zeros(1, dtype=torch.int32, device=device)
-        triton_kernels.adam_step(params, grads, states, lr=one * 1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                 decoupled=True, amsgrad=False, step_size=one * 1e-3, bias_correction2_sqrt=one,
-                                 grad_scale=one, skip=skip)
-        states["slow_buffer"] = [torch.zeros(300, device=device)]  # Ranger: rectification and sync on the device
-        triton_kernels.radam_step(params, grads, states, lr=one * 1e-3, beta1=0.95, beta2=0.999, eps=1e-5,
-                                  weight_decay=0.0, decoupled=False, rectified=one, step_size=one * 1e-3,
-                                  lookahead_alpha=0.5, grad_scale=one, skip=skip, sync=one)
+        steps = [torch.full((), 6.0, device=device)]
+        control = torch.zeros(4, device=device)
+        scale, skip_view = control[0:1], control[1:2]  # what a sync-free step passes: views, 4-byte offsets
+        adam = dict(beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=True, amsgrad=False)
+        triton_kernels.adam_step(params, grads, states, lr=one * 1e-3, **adam, step_size=one * 1e-3,
+                                 bias_correction2_sqrt=one, grad_scale=one, skip=skip)
+        triton_kernels.adam_step(params, grads, states, lr=1e-3, **adam, grad_scale=scale, skip=skip_view, steps=steps)
+        triton_kernels.adagrad_step(params, grads, states, weight_decay=0.0, eps=1e-10, grad_scale=scale,
+                                    skip=skip_view, steps=steps, lr=one * 0.1, lr_decay=0.01)
+        radam = dict(beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.0, decoupled=False, grad_scale=scale,
+                     skip=skip_view, steps=steps, rho_threshold=5.0)
+        triton_kernels.radam_step(params, grads, states, lr=one * 1e-3, **radam, lookahead_alpha=None)
+        triton_kernels.radam_step(params, grads, states, lr=1e-3, **radam, lookahead_alpha=0.5, la_steps=steps, k=2)
+        triton_kernels.lookahead_sync(params, states["slow_buffer"], alpha=0.5, la_steps=steps, k=2, skip=skip_view)
+    run_step_control(device)
+
+
+def run_step_control(device: torch.device) -> None:
+    control = torch.zeros(4, device=device)
+    stats = torch.tensor([4.0, 0.0], device=device)
+    counters = [torch.zeros((), device=device) for _ in range(3)]
+    for max_grad_norm in (None, 1.0):
+        for skip_nonfinite in (False, True):
+            triton_kernels.step_control(control, stats=stats, grad_scale=1.0, max_grad_norm=max_grad_norm,
+                                        skip_nonfinite=skip_nonfinite, counters=counters)
+    triton_kernels.step_control(control, stats=stats, grad_scale=torch.ones(1, device=device), max_grad_norm=1.0,
+                                skip_nonfinite=True, counters=counters)
+    triton_kernels.step_control(control, grad_scale=1.0, counters=counters)
 
 
 @functools.lru_cache(maxsize=1)
@@ -169,11 +192,23 @@ UPDATE_KERNELS = ("_sgd_kernel", "_adagrad_kernel", "_rmsprop_kernel", "_adam_ke
 
 def test_every_kernel_family_is_recorded():
     kernels = {s["kernel"].split(":")[1] for s in recorded_specs()}
-    assert kernels >= {*UPDATE_KERNELS, "_sumsq_kernel", "_dots_kernel", "_combine_kernel"}
+    assert kernels >= {*UPDATE_KERNELS, "_sumsq_kernel", "_sumsq_finish_kernel", "_step_control_kernel",
+                       "_dots_kernel", "_combine_kernel"}
     names = {_describe(s) for s in recorded_specs()}
     for dtype in ("fp32", "bf16", "fp16"):  # each update kernel at each param dtype
         for kernel in UPDATE_KERNELS:
             assert any(n.startswith(f"{kernel}[{dtype}") for n in names), (kernel, dtype)
+
+
+def test_the_device_step_variants_are_recorded():
+    names = {_describe(s) for s in recorded_specs()}
+    for dtype in ("fp32", "bf16"):
+        for kernel, switch in [("_adam_kernel", "HAS_STEPS"), ("_adagrad_kernel", "HAS_STEPS"),
+                               ("_radam_kernel", "RECTIFIED=2"), ("_radam_kernel", "SYNC=2"),
+                               ("_sync_kernel", "HAS_LA_STEPS")]:
+            assert any(n.startswith(f"{kernel}[{dtype}") and switch in n.split(",") for n in names), (kernel, switch)
+    control = [s for s in recorded_specs() if s["kernel"].endswith(":_step_control_kernel")]
+    assert len(control) >= 5 and not any(s["enable_fp_fusion"] for s in control)
 
 
 def _describe(spec):

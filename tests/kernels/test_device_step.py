@@ -480,3 +480,12 @@ def test_steady_state_launch_with_counters_builds_no_table(device, monkeypatch):
     monkeypatch.setattr(torch, "tensor", no_tables)
     triton_kernels.radam_step(*data, **kw)
     assert _multi_tensor.TABLES.builds == builds
+
+
+def test_the_superseded_device_flag_forms_are_refused(device):
+    data = make(torch.float32, device, ["exp_avg", "exp_avg_sq", "slow_buffer"])
+    kw = dict(RADAM, decoupled=True, lookahead_alpha=0.5, grad_scale=1.0, step_size=0.1)
+    with pytest.raises(ValueError, match="pass steps="):
+        triton_kernels.radam_step(*data, **kw, rectified=torch.ones(1, device=device))
+    with pytest.raises(TypeError):
+        triton_kernels.radam_step(*data, **kw, rectified=True, sync=torch.ones(1, device=device))
