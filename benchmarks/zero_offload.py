@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -92,6 +93,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# ZeRO-Offload (offload_optimizer: cpu), world {result['world']}, {result['device']}",
         "",
+        f"`{result.get('command', 'python benchmarks/zero_offload.py')}`",
+        "",
         f"{result['params']:,} fp32 params (4 Linear layers), {result['threads']} threads per rank, median of "
         f"{result['repeats']} steps, contenders in turn. `engine.step()` includes the norm, clipping, the CPU update, "
         "the copy back and the all-gather; `whole step` adds forward and backward. Ratios are to DeepSpeedCPUAdam "
@@ -127,7 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     from step_throughput import device_name  # the CPU model line the other results carry
 
     result = dict(world=world, device=device_name(torch.device("cpu")).split(" (")[0], params=int(args.params),
-                  threads=max(1, (os.cpu_count() or 1) // world), repeats=args.repeats, rows=rows)
+                  threads=max(1, (os.cpu_count() or 1) // world), repeats=args.repeats, rows=rows,
+                  command=" ".join(["python benchmarks/zero_offload.py", *(argv if argv is not None else sys.argv[1:])]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "zero_offload_cpu.json").write_text(json.dumps(result, indent=1))
