@@ -26,6 +26,10 @@ from ._support import supports
 
 __all__ = ["supports"]
 
+# The update launchers read step counters, the grad scale, the skip flag and Lookahead's sync
+# decision on the device (dist_optim.functional dispatches its device flow on this).
+READS_DEVICE_VALUES = True
+
 try:
     import triton  # noqa: F401
 except ImportError:  # the launchers need triton; supports() is all there is without it

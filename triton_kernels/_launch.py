@@ -11,6 +11,19 @@ import torch
 
 # The recorders that are listening; empty outside ``recording()`` (a stack, not a cache).
 _RECORDERS: list[list] = []
+# Depth of nested ``compiling()`` blocks: inside one, every launch compiles and runs nothing.
+_COMPILING = [0]
+
+
+@contextlib.contextmanager
+def compiling() -> Iterator[None]:
+    """Inside the block every launch is ``compile_only``: an optimizer compiles the specializations
+    its later steps launch (the device flow's, during a host-flow step) without running them."""
+    _COMPILING[0] += 1
+    try:
+        yield
+    finally:
+        _COMPILING[0] -= 1
 
 
 @contextlib.contextmanager
@@ -44,6 +57,7 @@ class _TensorSpec:
 def run(kernel, grid: tuple, device: torch.device, *args, compile_only: bool = False, **kwargs) -> None:
     """``kernel[grid](*args, **kwargs)`` on ``device``; with ``compile_only``, compile that
     specialization and launch nothing (``JITFunction.warmup``; a no-op under the interpreter)."""
+    compile_only = compile_only or _COMPILING[0] > 0
     for calls in _RECORDERS:
         calls.append((kernel, tuple(_abstract(a) for a in args), dict(kwargs)))
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():

@@ -142,9 +142,12 @@ def global_grad_stats(
     layout = layout if layout is not None else GradLayout()
     group, group_ranks, span = layout.resolve(grads, process_group)
     counted, replicas = [], []
-    for g in grads:
-        here = layout.counted_here(g, process_group is not None, group_ranks, span)
-        (counted if here else replicas).append(local_tensor(g))
+    if group_ranks is None:  # local statistics: every grad counts, no per-grad question to ask
+        counted = [local_tensor(g) for g in grads]
+    else:
+        for g in grads:
+            here = layout.counted_here(g, process_group is not None, group_ranks, span)
+            (counted if here else replicas).append(local_tensor(g))
     stats = grad_sumsq_and_flag(counted, backend=backend)
     if replicas:
         replica_stats = grad_sumsq_and_flag(replicas, backend=backend)

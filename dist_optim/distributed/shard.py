@@ -15,8 +15,14 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The rank-local storage the update kernels read and write in place."""
-    return t.to_local() if is_dtensor(t) else t
+    """The rank-local storage the update kernels read and write in place. A DTensor's is taken
+    directly rather than through ``to_local()``, an autograd function whose dispatch costs more
+    host time per tensor than the rest of a step's bookkeeping (the step runs under no_grad and
+    writes the same storage either way)."""
+    if is_dtensor(t):
+        local = getattr(t, "_local_tensor", None)
+        return local if local is not None else t.to_local()
+    return t
 
 
 def new_state_like(param: torch.Tensor, *, fill: float = 0.0, copy: bool = False) -> torch.Tensor:

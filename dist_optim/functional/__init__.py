@@ -2,7 +2,7 @@
 family. The torch path (foreach ops, fp32 math) is the executable specification and runs on CPU; the
 Triton path (``triton_kernels``) must match it."""
 
-from ._common import resolve_backend
+from ._common import compiling, resolve_backend
 from .adagrad import adagrad_step
 from .adam import adam_step
 from .control import step_control
@@ -14,6 +14,7 @@ from .sgd import sgd_step
 
 __all__ = [
     "adagrad_step",
+    "compiling",
     "adam_step",
     "grad_sumsq_and_flag",
     "lookahead_sync",

@@ -125,3 +125,15 @@ def on_host(params: Tensors, grads: Tensors, states: Mapping[str, Tensors], step
     for (t, sync), idx in buckets.items():
         pick = (lambda ts: [ts[i] for i in idx])
         yield pick(params), pick(grads), {key: pick(v) for key, v in states.items()}, t, scale, sync
+
+
+def compiling():
+    """A context in which the Triton launchers compile what they would launch and run nothing
+    (warm-up); a no-op context without triton."""
+    try:
+        from triton_kernels import _launch
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return _launch.compiling()

@@ -34,7 +34,7 @@ from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
 from ..distributed.shard import is_dtensor, local_tensor
-from ..functional import resolve_backend, step_control
+from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
 from . import _state_dict
 
@@ -164,8 +164,7 @@ class FusedOptimizer(Optimizer):
         work = self._collect_grads()
         device = self._flow_device(work)
         for group, params, _ in work:
-            for p in params:
-                self._state(p, group)
+            self._states_for(group, params)
             self._prepare_device_state(group, params)
         if device is not None:
             self._warm_device_flow(work, device)
@@ -207,7 +206,7 @@ class FusedOptimizer(Optimizer):
     def _device_step(self, work, device: torch.device, grad_scale, counters: Sequence[torch.Tensor]) -> torch.Tensor:
         control = self._control(device)
         stats = self._grad_stats(work, grad_scale)
-        if stats is not None:
+        if stats is not None and stats.device != device:  # e.g. reduced over a gloo group on the CPU
             stats = stats.to(device)
         step_control(
             control[:_NEG_SCALE], stats=stats, grad_scale=grad_scale, max_grad_norm=self.max_grad_norm,
@@ -224,14 +223,12 @@ class FusedOptimizer(Optimizer):
     def _warm_device_flow(self, work, device: torch.device) -> None:
         """Compile the device flow's kernels without running them (its launches take device
         scalars and counter tables, other specializations than the host flow's)."""
-        import triton_kernels
-
-        compiling = getattr(triton_kernels, "compiling", None)
-        if compiling is None:  # TODO(integration): triton_kernels.compiling lands with the device-step kernels
-            return
         control = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
         with compiling():
-            stats = torch.zeros(2, dtype=torch.float32, device=device) if self._checks_grads() else None
+            stats = None
+            if self._checks_grads():
+                grad_sumsq_and_flag(self._locals(g for _, _, gs in work for g in gs), backend=self.backend)
+                stats = torch.zeros(2, dtype=torch.float32, device=device)
             step_control(
                 control[:_NEG_SCALE], stats=stats, grad_scale=1.0, max_grad_norm=self.max_grad_norm,
                 skip_nonfinite=self.nonfinite == "skip", counters=self._counters(work), backend=self.backend,
@@ -239,6 +236,13 @@ class FusedOptimizer(Optimizer):
             for group, params, grads in work:
                 self._update_group(group, params, grads, control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1])
         self._device_flow_warmed = True
+
+    def warm_control(self, params: Sequence[torch.Tensor]) -> torch.Tensor | None:
+        """A scratch control vector on the device the device flow would run ``params`` on (for a
+        wrapper compiling its own device-flow launches under ``compiling()``), or None when their
+        steps take the host flow."""
+        device = self._flow_device([(None, list(params), [])])
+        return None if device is None else torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
 
     def _control(self, device: torch.device) -> torch.Tensor:
         control = self._controls.get(device)
@@ -277,8 +281,8 @@ class FusedOptimizer(Optimizer):
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
             if blocks:
-                keys = blocks[-1]
-                if any(not keys <= self.state[p].keys() for p in params):
+                keys, state = blocks[-1], self.state
+                if any(not keys <= state[p].keys() for p in params):
                     return True
         return False
 
@@ -287,13 +291,8 @@ class FusedOptimizer(Optimizer):
 
     def _counters(self, work) -> list[torch.Tensor]:
         """The counters a step advances: each stepped param's "step"."""
-        out = []
-        for _, params, _ in work:
-            for p in params:
-                step = self.state[p].get("step")
-                if step is not None:
-                    out.append(step)
-        return out
+        state = self.state
+        return [s["step"] for _, params, _ in work for s in map(state.__getitem__, params) if "step" in s]
 
     def _checks_grads(self) -> bool:
         return self.max_grad_norm is not None or self.nonfinite != "apply"
@@ -368,11 +367,18 @@ class FusedOptimizer(Optimizer):
 
     def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
         """The param's state, its own key block (the last one) built on first use."""
-        state = self.state[param]
+        return self._states_for(group, [param])[0]
+
+    def _states_for(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """The params' states, each one's own key block (the last one) built on first use."""
         blocks = self._state_key_blocks(group)
-        if blocks and not blocks[-1] <= state.keys():
-            state.update(self._init_state(param, group))
-        return state
+        states = list(map(self.state.__getitem__, params))
+        if blocks:
+            keys = blocks[-1]
+            for p, state in zip(params, states):
+                if not keys <= state.keys():
+                    state.update(self._init_state(p, group))
+        return states
 
     @staticmethod
     def _locals(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -387,7 +393,7 @@ class FusedOptimizer(Optimizer):
         the step count t. Host flow: the counts advance here and each distinct count is one bucket
         (params whose grad was None on some steps lag). Device flow: one bucket, t being the list of
         the (already advanced) device counters, read by the kernels."""
-        states = [self._state(p, group) for p in params]
+        states = self._states_for(group, params)
         if skip is not None:
             yield self._locals(params), self._locals(grads), self._states_of(states, keys), [s["step"] for s in states]
             return

@@ -62,6 +62,11 @@ class LBFGS(Optimizer):
     of O(history_size) scalars, which also carries the mean loss and the line search's directional
     derivative; the direction is one fused linear combination of the history.
 
+    On a GPU: a closure evaluation reads device values on the host once (that reduction's result,
+    the scalars torch's decisions need), and nothing else in an iteration waits on the device: the
+    two-loop runs on those host values, and its weights go to the device in one non-blocking copy.
+    Only the filled history rows are read (the Gram matrices, the dot products and the direction).
+
     The process group is ``process_group``, else the DTensor params' mesh (FSDP2), else the default
     group when torch.distributed is initialised (DDP: replicated params, the loss is averaged), else
     none. Under DeepSpeed ZeRO L-BFGS is refused: the engine's ``step()`` takes no closure and

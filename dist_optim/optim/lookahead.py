@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 
 from .. import _checks
 from ..distributed.shard import local_tensor, new_state_like
-from ..functional import lookahead_sync
+from ..functional import compiling, lookahead_sync
 from ..functional.lookahead import STATE_KEYS
 from . import _state_dict
 from .base import FusedOptimizer, advance
@@ -125,6 +125,7 @@ class Lookahead(Optimizer):
                 self.state[p].update(la_state)
             due = [synced[i] for i in count_and_pick_due([self.state[p] for p in synced], self.k)]
             self._sync(due)
+            self._warm_sync(synced)
             return loss
         counters = [self.state[p]["lookahead_step"] for p in synced]
         loss, control = inner._step(closure, grad_scale, counters)
@@ -133,6 +134,24 @@ class Lookahead(Optimizer):
         elif not control:  # host flow, not skipped: the counters advanced
             self._sync([p for p, c in zip(synced, counters) if int(c) % self.k == 0])
         return loss
+
+    @torch.no_grad()
+    def compile_kernels(self) -> None:
+        """The wrapped optimizer's ``compile_kernels`` and the sync's; builds the slow weights of
+        every member from the params as they are."""
+        synced = [p for g in self.param_groups for p in members(g["params"])]
+        for p in synced:
+            if "slow_buffer" not in self.state[p]:
+                self.state[p].update(slow_weights(p, self.optimizer))
+        self.optimizer.compile_kernels()
+        self._warm_sync(synced)
+
+    def _warm_sync(self, synced) -> None:
+        """Compile the device flow's sync (counters read on the device) without running it."""
+        control = self.optimizer.warm_control(synced)
+        if control is not None:
+            with compiling():
+                self._sync(synced, [self.state[p]["lookahead_step"] for p in synced], skip=control[1:2])
 
     def _sync(self, params, counters=None, skip=None) -> None:
         """The slow-weight update on ``params`` (all of them), or, given their advanced

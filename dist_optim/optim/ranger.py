@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from ..distributed.shard import local_tensor
-from ..functional import lookahead_sync, radam_step
+from ..functional import compiling, lookahead_sync, radam_step
 from .base import advance
 from .lookahead import LOOKAHEAD_KEYS, check_k_alpha, count_and_pick_due, members, slow_weights
 from .radam import RAdam
@@ -72,7 +74,7 @@ class Ranger(RAdam):
             self._update_group_on_host(group, params, grads, grad_scale)
             return
         hyper = self._radam_hyper(group, grad_scale, skip)
-        states = [self._state(p, group) for p in params]
+        states = self._states_for(group, params)
         slow = [i for i, s in enumerate(states) if "slow_buffer" in s]
         plain = [i for i, s in enumerate(states) if "slow_buffer" not in s]  # params that are not members
         for idx, keys in ((slow, ("exp_avg", "exp_avg_sq", "slow_buffer")), (plain, ("exp_avg", "exp_avg_sq"))):
@@ -89,17 +91,27 @@ class Ranger(RAdam):
                     **hyper,
                 )
         with_grad = {id(p) for p in params}
-        idle = [p for p in members(group["params"]) if id(p) not in with_grad]
-        if idle:
+        self._sync_on_device(group, [p for p in members(group["params"]) if id(p) not in with_grad], skip)
+
+    def _sync_on_device(self, group, params, skip) -> None:
+        """Device flow: the sync of members without a gradient this step (they still count)."""
+        if params:
             lookahead_sync(
-                self._locals(idle),
-                self._locals(self.state[p]["slow_buffer"] for p in idle),
+                self._locals(params),
+                self._locals(self.state[p]["slow_buffer"] for p in params),
                 alpha=group["alpha"],
-                lookahead_steps=self._locals(self.state[p]["lookahead_step"] for p in idle),
+                lookahead_steps=self._locals(self.state[p]["lookahead_step"] for p in params),
                 k=group["k"],
                 skip=skip,
                 backend=self.backend,
             )
+
+    def _warm_device_flow(self, work, device):
+        super()._warm_device_flow(work, device)
+        skip = torch.zeros(1, dtype=torch.float32, device=device)
+        with compiling():  # the sync of members without a gradient, whenever that first happens
+            for group in self.param_groups:
+                self._sync_on_device(group, members(group["params"]), skip)
 
     def _update_group_on_host(self, group, params, grads, grad_scale):
         synced = members(group["params"])
@@ -108,7 +120,7 @@ class Ranger(RAdam):
                 self.state[p].update(slow_weights(p, self))
         due = {id(synced[i]) for i in count_and_pick_due([self.state[p] for p in synced], group["k"])}
         hyper = self._radam_hyper(group, grad_scale, None)
-        states = [self._state(p, group) for p in params]
+        states = self._states_for(group, params)
         for t, idx in advance(states).items():
             for sync in (True, False):
                 sel = [i for i in idx if (id(params[i]) in due) is sync]

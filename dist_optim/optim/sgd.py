@@ -79,7 +79,7 @@ class SGD(FusedOptimizer):
         # A fresh momentum buffer takes the first gradient as it is (torch.optim.SGD), so fresh and
         # running buffers go in separate calls.
         fresh = ["momentum_buffer" not in self.state[p] for p in params]
-        states = [self._state(p, group) for p in params]
+        states = self._states_for(group, params)
         for first in (True, False):
             idx = [i for i, f in enumerate(fresh) if f is first]
             if idx:
