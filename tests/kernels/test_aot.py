@@ -256,4 +256,5 @@ def test_python_int_hyperparameters_compile_no_other_specialization():
         with _launch.recording() as calls:
             dist_optim.SGD([p], lr=lr, backend="triton", nonfinite="apply").step()
         seen.append(_aot.specs(calls))
-    assert len(seen[0]) == 1 and seen[0] == seen[1]
+    # The device flow launches step_control and then the update: the same specializations either way.
+    assert any(s["kernel"].endswith(":_sgd_kernel") for s in seen[0]) and seen[0] == seen[1]
