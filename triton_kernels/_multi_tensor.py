@@ -29,7 +29,7 @@ to the choice past 1024 elements x 4 warps.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -79,9 +79,10 @@ def check_counters(name: str, reference: Sequence[torch.Tensor], counters: Seque
 def buckets(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None) -> dict:
     """Indices of the non-empty tensors per (param dtype, grad dtype, device), in order."""
     out: dict = defaultdict(list)
-    for i, p in enumerate(params):
+    g_dtypes = [None] * len(params) if grads is None else [g.dtype for g in grads]
+    for i, (p, g_dtype) in enumerate(zip(params, g_dtypes)):
         if p.numel():
-            out[(p.dtype, None if grads is None else grads[i].dtype, p.device)].append(i)
+            out[(p.dtype, g_dtype, p.device)].append(i)
     return out
 
 
@@ -104,11 +105,13 @@ class TableCache:
         self.builds = 0  # tables built so far (tests count them)
 
     def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
-            elementwise: int | None = None):
+            elementwise: int | None = None, validate: Callable[[], None] | None = None):
         """(pointer table per role — the first role's stands in for absent ones, which the kernel's
         constexpr switches never read — chunk table, number of chunks). Roles past the first
         ``elementwise`` (default: all) are per-tensor counters: tabled, but a counter's address does
-        not decide whether its tensor's chunks are fast."""
+        not decide whether its tensor's chunks are fast. ``validate`` runs before a table is built:
+        the tensors behind a cached table passed it (a step over the same storage is not checked
+        again, which keeps a steady-state step's host work to the key)."""
         first = [roles[0][i] for i in idx]
         ptrs = tuple(tuple(role[i].data_ptr() for i in idx) if role is not None else None for role in roles)
         numels = tuple(t.numel() for t in first)
@@ -116,6 +119,8 @@ class TableCache:
         hit = self._lookup(key)
         if hit is not None:
             return hit
+        if validate is not None:
+            validate()
         filled = [p if p is not None else ptrs[0] for p in ptrs]
         aligned = [all(p[j] % ALIGN == 0 for p in filled[:elementwise]) for j in range(len(idx))]
         rows = chunk_rows(numels, aligned)
@@ -125,14 +130,17 @@ class TableCache:
             len(rows) // CHUNK_ROW,
         ))
 
-    def pointers(self, tensors: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    def pointers(self, tensors: Sequence[torch.Tensor], device: torch.device,
+                 validate: Callable[[], None] | None = None) -> torch.Tensor:
         """An int64 device table of the tensors' data pointers (e.g. every step counter of a step).
         An empty list gets one null entry: a kernel argument needs an allocation behind it, though
-        the kernel reads no entry."""
+        the kernel reads no entry. ``validate`` runs before a table is built (see ``get``)."""
         key = ("pointers", device, tuple(t.data_ptr() for t in tensors))
         hit = self._lookup(key)
         if hit is not None:
             return hit
+        if validate is not None:
+            validate()
         return self._store(key, torch.tensor(key[2] or (0,), dtype=torch.int64, device=device))
 
     def _lookup(self, key):
@@ -156,8 +164,8 @@ TABLES = TableCache()
 
 
 def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
-           elementwise: int | None = None):
-    return TABLES.get(roles, idx, device, elementwise)
+           elementwise: int | None = None, validate: Callable[[], None] | None = None):
+    return TABLES.get(roles, idx, device, elementwise, validate)
 
 
 def device_scalar(name: str, value, device: torch.device):
@@ -210,17 +218,23 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     changes nothing (a step skipped on the device, e.g. on a non-finite gradient, without a host
     sync). ``compile_only``: compile what this call would launch and change nothing (warm-up before
     a run, so no step compiles mid-training)."""
-    check("grads", params, grads, fp32=False)
-    for s in states:
-        if s is not None:
-            check("state", params, s, fp32=True)
     counters = counters or {}
-    for name, c in counters.items():
-        if c is not None:
-            check_counters(name, params, c)
+
+    def validate() -> None:
+        check("grads", params, grads, fp32=False)
+        for s in states:
+            if s is not None:
+                check("state", params, s, fp32=True)
+        for name, c in counters.items():
+            if c is not None:
+                check_counters(name, params, c)
+
+    roles = [params, grads, *states, *counters.values()]
+    if any(role is not None and len(role) != len(params) for role in roles):  # tables pair them by index
+        validate()
     elementwise = 2 + len(states)
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
-        ptrs, chunks, n = tables([params, grads, *states, *counters.values()], idx, device, elementwise)
+        ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
         _launch.run(

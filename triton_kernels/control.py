@@ -95,8 +95,9 @@ def step_control(control: torch.Tensor, *, stats: torch.Tensor | None = None, gr
     device = control.device
     if stats is not None:
         check_stats(stats, device)
-    _multi_tensor.check_counters("counters", [control] * len(counters), counters)
-    table = _multi_tensor.TABLES.pointers(counters, device)
+    table = _multi_tensor.TABLES.pointers(
+        counters, device, validate=lambda: _multi_tensor.check_counters("counters", [control] * len(counters), counters)
+    )
     _launch.run(
         _step_control_kernel, (1,), device, control, control if stats is None else stats, table, len(counters),
         _multi_tensor.device_scalar("grad_scale", grad_scale, device),

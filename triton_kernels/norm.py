@@ -60,9 +60,10 @@ def _partials(grads, buckets, device: torch.device) -> torch.Tensor:
     """One partials launch per bucket (all on ``device``) into one buffer of (sumsq, flag) pairs."""
     plans = []
     for (g_dtype, _, _), idx in buckets:
-        for i in idx:
-            _multi_tensor.check("grads", [grads[i]], [grads[i]], fp32=False)
-        (ptrs,), chunks, n = _multi_tensor.tables([grads], idx, device)
+        picked = [grads[i] for i in idx]
+        (ptrs,), chunks, n = _multi_tensor.tables(
+            [grads], idx, device, validate=lambda: _multi_tensor.check("grads", picked, picked, fp32=False)
+        )
         plans.append((g_dtype, ptrs, chunks, n))
     partials = torch.empty(2 * sum(n for *_, n in plans), dtype=torch.float32, device=device)
     offset = 0

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..functional import grad_sumsq_and_flag
 from .collectives import active, device_for
-from .shard import is_dtensor, local_tensor
+from .shard import is_dtensor, local_tensor, local_tensors
 
 
 def fsdp1_group(param_groups: Sequence[dict]) -> Any:
@@ -143,7 +143,7 @@ def global_grad_stats(
     group, group_ranks, span = layout.resolve(grads, process_group)
     counted, replicas = [], []
     if group_ranks is None:  # local statistics: every grad counts, no per-grad question to ask
-        counted = [local_tensor(g) for g in grads]
+        counted = local_tensors(grads)
     else:
         for g in grads:
             here = layout.counted_here(g, process_group is not None, group_ranks, span)

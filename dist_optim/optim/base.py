@@ -33,7 +33,7 @@ from torch.optim import Optimizer
 from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
-from ..distributed.shard import is_dtensor, local_tensor
+from ..distributed.shard import is_dtensor, local_tensor, local_tensors
 from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
 from . import _state_dict
@@ -187,8 +187,9 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         work = self._collect_grads()
         device = self._flow_device(work)
-        if device is not None and not host and not self._needs_state(work):
-            return loss, self._device_step(work, device, grad_scale, counters)
+        plan = self._device_plan(work) if device is not None and not host else None
+        if plan is not None:
+            return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = float(grad_scale)
         scale = self._clip_scale(work, grad_scale)
@@ -210,7 +211,7 @@ class FusedOptimizer(Optimizer):
             stats = stats.to(device)
         step_control(
             control[:_NEG_SCALE], stats=stats, grad_scale=grad_scale, max_grad_norm=self.max_grad_norm,
-            skip_nonfinite=self.nonfinite == "skip", counters=[*self._counters(work), *counters], backend=self.backend,
+            skip_nonfinite=self.nonfinite == "skip", counters=counters, backend=self.backend,
         )
         self._last_norm = control[_NORM] if stats is not None else None
         scale, skip = control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1]
@@ -231,7 +232,7 @@ class FusedOptimizer(Optimizer):
                 stats = torch.zeros(2, dtype=torch.float32, device=device)
             step_control(
                 control[:_NEG_SCALE], stats=stats, grad_scale=1.0, max_grad_norm=self.max_grad_norm,
-                skip_nonfinite=self.nonfinite == "skip", counters=self._counters(work), backend=self.backend,
+                skip_nonfinite=self.nonfinite == "skip", counters=self._device_plan(work) or [], backend=self.backend,
             )
             for group, params, grads in work:
                 self._update_group(group, params, grads, control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1])
@@ -261,9 +262,8 @@ class FusedOptimizer(Optimizer):
             if self.capturable:
                 raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
             return None
-        if any(local_tensor(p).device != device for _, params, _ in work for p in params):
-            return None
-        return device
+        devices = {t.device for _, params, _ in work for t in local_tensors(params)}
+        return device if len(devices) == 1 else None
 
     def counter_device(self, param: torch.Tensor) -> torch.device:
         """Where a param's step counters live: on its device when the Triton kernels read them
@@ -275,24 +275,24 @@ class FusedOptimizer(Optimizer):
         """A per-param step count, as torch.optim keeps it (0-dim fp32), where the kernels read it."""
         return torch.zeros((), dtype=torch.float32, device=self.counter_device(param))
 
-    def _needs_state(self, work) -> bool:
-        """Whether some param stepped now lacks state: such a step takes the host flow, so that
-        it builds no state when it is skipped."""
+    def _device_plan(self, work) -> list[torch.Tensor] | None:
+        """The counters a device-flow step advances (each stepped param's "step"), or None when
+        some param stepped lacks state (the step then takes the host flow). One pass over the
+        states: a lookup is a Python-level tensor hash."""
+        counters, lookup = [], self.state.__getitem__
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
-            if blocks:
-                keys, state = blocks[-1], self.state
-                if any(not keys <= state[p].keys() for p in params):
-                    return True
-        return False
+            keys = blocks[-1] if blocks else frozenset()
+            for state in map(lookup, params):
+                if not keys <= state.keys():
+                    return None
+                step = state.get("step")
+                if step is not None:
+                    counters.append(step)
+        return counters
 
     def _prepare_device_state(self, group, params) -> None:
         """Hook for state a subclass keeps beside the last key block (Ranger's slow weights)."""
-
-    def _counters(self, work) -> list[torch.Tensor]:
-        """The counters a step advances: each stepped param's "step"."""
-        state = self.state
-        return [s["step"] for _, params, _ in work for s in map(state.__getitem__, params) if "step" in s]
 
     def _checks_grads(self) -> bool:
         return self.max_grad_norm is not None or self.nonfinite != "apply"
@@ -382,7 +382,7 @@ class FusedOptimizer(Optimizer):
 
     @staticmethod
     def _locals(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        return [local_tensor(t) for t in tensors]
+        return local_tensors(tensors)
 
     def _states_of(self, states: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
         return {k: self._locals(s[k] for s in states) for k in keys}

@@ -54,20 +54,24 @@ class Ranger(RAdam):
     def _state_key_blocks(self, group):
         return [LOOKAHEAD_KEYS, *super()._state_key_blocks(group)]
 
-    def _needs_state(self, work):
-        return super()._needs_state(work) or any(
-            "slow_buffer" not in self.state[p] for g in self.param_groups for p in members(g["params"])
-        )
+    def _device_plan(self, work):
+        # Lookahead counts optimizer steps taken, by every member, with a gradient this step or not;
+        # a member without slow weights yet makes this a host-flow step.
+        plan = super()._device_plan(work)
+        if plan is None:
+            return None
+        lookup = self.state.__getitem__
+        for group in self.param_groups:
+            for state in map(lookup, members(group["params"])):
+                if "slow_buffer" not in state:
+                    return None
+                plan.append(state["lookahead_step"])
+        return plan
 
     def _prepare_device_state(self, group, params):
         for p in members(group["params"]):
             if "slow_buffer" not in self.state[p]:
                 self.state[p].update(slow_weights(p, self))
-
-    def _counters(self, work):
-        # Lookahead counts optimizer steps taken, by every member, with a gradient this step or not.
-        lookahead = [self.state[p]["lookahead_step"] for g in self.param_groups for p in members(g["params"])]
-        return super()._counters(work) + lookahead
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         if skip is None:
