@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -222,6 +223,7 @@ def make_cpu_params(numel: int, dtype: torch.dtype, tensors: int) -> list[torch.
 
 
 def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
+    loads = [os.getloadavg()[0]]
     rows = []
     cases = [(name, torch.float32) for name in names] + ([("AdamW", torch.bfloat16)] if "AdamW" in names else [])
     for name, dtype in cases:
@@ -239,6 +241,7 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
                 print(f"  skip {name} {label}: {type(err).__name__}: {str(err)[:200]}")
         steps["in-place mul_ floor"] = lambda: floor_buf.mul_(1.0)
         results = time_interleaved(steps, torch.device("cpu"), repeats)
+        loads.append(os.getloadavg()[0])
         del steps
         floor = results["in-place mul_ floor"]
         for label, secs in results.items():
@@ -253,8 +256,10 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
         same = {x["impl"]: x["ms"] for x in rows if x["optimizer"] == r["optimizer"] and x["dtype"] == r["dtype"]}
         r["vs_torch_fused_adamw"] = r["ms"] / adamw["torch.optim fused"] if "torch.optim fused" in adamw else None
         r["vs_deepspeed"] = r["ms"] / same["DeepSpeedCPUAdam"] if "DeepSpeedCPUAdam" in same else None
+    # Other processes on the machine take cores and memory bandwidth from the run: say how busy it was.
     return {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "repeats": repeats,
-            "tensors": tensors, "threads": torch.get_num_threads(), "rows": rows}
+            "tensors": tensors, "threads": torch.get_num_threads(), "rows": rows,
+            "load_average": [min(loads), max(loads)], "cpus": os.cpu_count()}
 
 
 def markdown_cpu(result: dict) -> str:
@@ -263,6 +268,11 @@ def markdown_cpu(result: dict) -> str:
         "",
         f"`{result.get('command', 'python benchmarks/step_throughput.py --device cpu')}`",
         "",
+        *([f"Machine load while this table ran (1-minute load average, lowest / highest over its row groups, this "
+           f"run's own threads included): {result['load_average'][0]:.1f} / {result['load_average'][1]:.1f} on "
+           f"{result['cpus']} CPUs; above the thread count, other processes shared the cores and their "
+           "interference is in the times.", ""]
+          if "load_average" in result else []),
         f"torch {result['torch']}, {result['threads']} threads, {result['rows'][0]['numel']:,} params in "
         f"{result['tensors']} tensors; median of {result['repeats']} steps, every contender of a row group timed "
         "in turn within each repeat. `x floor`: this time over the in-place `mul_` over as many bytes as the "
