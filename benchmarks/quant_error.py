@@ -173,7 +173,7 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=300)
     ap.add_argument("--train-pairs", default="dynamic_tree-signed/dynamic_tree-unsigned,"
                     "dynamic_tree-signed/dynamic_tree_nozero-unsigned,linear-signed/linear-unsigned,"
-                    "power-signed:2/power-unsigned:4")
+                    "power-signed:2/power-unsigned:4,power-signed:3/dynamic_tree_nozero-unsigned")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -10,7 +10,7 @@ import torch
 from dist_optim.state import blockwise, checkpoint, codes
 
 MAPS = ["dynamic_tree-signed", "dynamic_tree-unsigned", "dynamic_tree_nozero-unsigned", "linear-signed",
-        "linear-unsigned", "power-signed:2", "power-unsigned:4"]
+        "linear-unsigned", "power-signed:2", "power-signed:3", "power-unsigned:4"]
 SIZES = [0, 1, 3, 255, 256, 257, 1000, 4099]
 
 
@@ -41,11 +41,14 @@ def test_code_maps_are_sorted_tables_with_exact_ends(name):
 
 
 def test_the_chosen_maps():
-    assert torch.equal(codes.SIGNED, codes.dynamic_tree(True)) and torch.equal(codes.UNSIGNED, codes.dynamic_tree(False))
-    assert codes.SIGNED[127].item() == 0.0 and codes.UNSIGNED[0].item() == 0.0
-    # the dynamic tree spans 7 (signed) and 8 (unsigned) decades below absmax
-    assert codes.SIGNED[codes.SIGNED > 0].min().item() == pytest.approx(1e-6)
-    assert codes.UNSIGNED[1].item() == pytest.approx(1e-7)
+    assert torch.equal(codes.SIGNED, codes.power(True, 3.0)) and torch.equal(codes.UNSIGNED, codes.dynamic_tree_nozero())
+    assert codes.SIGNED[127].item() == 0.0
+    assert codes.SIGNED[128].item() == pytest.approx(127.0 ** -3)  # cubic: down to ~5e-7 of absmax
+    # no zero among the second-moment codes: a nonzero v never dequantizes to 0 (8 decades, then 1e-8)
+    assert codes.UNSIGNED[0].item() == pytest.approx(1e-8) and codes.UNSIGNED[1].item() == pytest.approx(1e-7)
+    v = torch.tensor([1.0, 0.0, 1e-12])
+    q, a = blockwise.quantize_blockwise(v, codes.UNSIGNED, 4)
+    assert bool((blockwise.dequantize_blockwise(q, a, codes.UNSIGNED, 4) > 0).all())
 
 
 @pytest.mark.parametrize("name", MAPS)

@@ -19,7 +19,7 @@ tl = pytest.importorskip("triton.language")
 from triton_kernels import _launch, _quant, quant  # noqa: E402
 
 DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
-MAPS = ["dynamic_tree-signed", "dynamic_tree-unsigned", "linear-signed", "power-unsigned:4"]
+MAPS = ["dynamic_tree-signed", "power-signed:3", "dynamic_tree_nozero-unsigned", "power-unsigned:4"]
 # The interpreter's tile is max(64, QBLOCK): sizes cross tiles and quantization blocks, end inside
 # a block, or are empty or tiny.
 SIZES = [0, 1, 2, 63, 64, 65, 257, 1000, 4099]
