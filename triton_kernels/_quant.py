@@ -18,8 +18,10 @@ Nearest-code search: a branch-free binary search over the 256-entry threshold ta
 (dist_optim.state.codes.thresholds), eight gathers per element from a 1 KiB table that stays in
 L1. Comparisons are ``threshold * scale < x`` — a product and a comparison, with no division,
 subtraction or fused multiply-add that could round differently from torch — so the codes are the
-reference's exactly, for any code map (none of the candidates has an exact closed-form inverse in
-fp32 arithmetic that would agree with the reference at every threshold).
+reference's exactly, for any code map. A closed form alone would not be exact (a cube root or a
+decimal exponent rounds differently from the thresholds near them); should the gathers show up in
+GPU profiles, a closed-form first guess (for the cubic map, round(127 * cbrt(|x| / absmax))) fixed
+up by comparing against the two thresholds around it would keep the codes and need 2 gathers, not 8.
 """
 
 from __future__ import annotations
