@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._quant import dequantize_tile, quantize_tile
+
 ALIGN: tl.constexpr = tl.constexpr(16)  # bytes; _multi_tensor.ALIGN decides which chunks are fast
 
 
@@ -87,17 +89,78 @@ def load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, COUP
 
 @triton.jit
 def moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
-            HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, LERP_LOW: tl.constexpr):
+            HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, LERP_LOW: tl.constexpr,
+            ma_ptr, va_ptr, q, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     """Adam's and RAdam's shared part: weight decay, m = lerp(m, g, 1 - beta1), v = beta2 v +
-    (1 - beta2) g^2; stores m and v, returns (p, m, v) in fp32."""
+    (1 - beta2) g^2; stores m and v, returns (p, m, v) in fp32. QUANT: m and v are int8 state
+    (codes at m_ptr/v_ptr, absmax at ma_ptr/va_ptr; ``q`` as for ``load_state``)."""
     p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD and not DECOUPLED)
     if HAS_WD and DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
-    m = lerp(tl.load(m_ptr + offs, mask=mask), g, 1.0 - beta1, LERP_LOW)
-    v = tl.load(v_ptr + offs, mask=mask) * beta2 + (1.0 - beta2) * (g * g)
-    tl.store(m_ptr + offs, m, mask=mask)
-    tl.store(v_ptr + offs, v, mask=mask)
+    m = lerp(load_state(m_ptr, ma_ptr, offs, mask, q, True, QUANT, QBLOCK), g, 1.0 - beta1, LERP_LOW)
+    v = load_state(v_ptr, va_ptr, offs, mask, q, False, QUANT, QBLOCK) * beta2 + (1.0 - beta2) * (g * g)
+    store_state(m_ptr, ma_ptr, m, offs, mask, q, True, QUANT, QBLOCK)
+    store_state(v_ptr, va_ptr, v, offs, mask, q, False, QUANT, QBLOCK)
     return p, m, v
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 state (dist_optim.state.layout): a moment's codes are addressed like any fp32 state, its
+# absmax per quantization block. ``q`` bundles what (de)quantizing a tile needs:
+# (rows, end, SCODE, STHR, UCODE, UTHR): ``rows`` the tile's block indices relative to the chunk's
+# absmax base, ``end`` the chunk-local end of the tensor (a block holds elements when its first one
+# is before it), and the signed and unsigned code maps with their threshold tables.
+
+
+@triton.jit
+def quant_tile(off, end, SCODE, STHR, UCODE, UTHR, BLOCK: tl.constexpr, QBLOCK: tl.constexpr, QUANT: tl.constexpr):
+    """``q`` for the tile at chunk offset ``off`` (a tile starts on a block: QBLOCK divides BLOCK
+    and CHUNK); 0 for fp32 state, whose tiles may be smaller than a block."""
+    if QUANT:
+        return off // QBLOCK + tl.arange(0, BLOCK // QBLOCK), end, SCODE, STHR, UCODE, UTHR
+    else:
+        return 0
+
+
+@triton.jit
+def load_state(ptr, aptr, offs, mask, q, SIGNED: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
+    """An fp32 state tile: loaded, or dequantized from codes and absmax under QUANT."""
+    if QUANT:
+        rows, end, SCODE, STHR, UCODE, UTHR = q
+        if mask is None:
+            codes = tl.load(ptr + offs)
+            absmax = tl.load(aptr + rows)
+        else:
+            codes = tl.load(ptr + offs, mask=mask, other=0)
+            absmax = tl.load(aptr + rows, mask=rows * QBLOCK < end, other=0.0)
+        if SIGNED:
+            return dequantize_tile(codes, absmax, SCODE, QBLOCK)
+        else:
+            return dequantize_tile(codes, absmax, UCODE, QBLOCK)
+    else:
+        return tl.load(ptr + offs, mask=mask)
+
+
+@triton.jit
+def store_state(ptr, aptr, x, offs, mask, q, SIGNED: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
+    """Store an fp32 state tile, or its codes and absmax under QUANT (lanes past the tensor's end
+    enter the quantizer as 0.0, so they cannot raise the last block's absmax)."""
+    if QUANT:
+        rows, end, SCODE, STHR, UCODE, UTHR = q
+        if mask is not None:
+            x = tl.where(mask, x, 0.0)
+        if SIGNED:
+            codes, absmax = quantize_tile(x, STHR, QBLOCK)
+        else:
+            codes, absmax = quantize_tile(x, UTHR, QBLOCK)
+        if mask is None:
+            tl.store(ptr + offs, codes)
+            tl.store(aptr + rows, absmax)
+        else:
+            tl.store(ptr + offs, codes, mask=mask)
+            tl.store(aptr + rows, absmax, mask=rows * QBLOCK < end)
+    else:
+        tl.store(ptr + offs, x, mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------

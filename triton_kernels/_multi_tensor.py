@@ -207,9 +207,51 @@ def exact(value) -> float:
     return 0.0 if isinstance(value, torch.Tensor) else float(value)
 
 
+def absmax_roles(states: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str | None]) -> list:
+    """Per state role, its int8 absmax tensors (``<key>_absmax``, dist_optim.state.layout) or None
+    for an fp32 role or an absent one."""
+    return [states.get(k + "_absmax") if k else None for k in keys]
+
+
+# Code maps and threshold tables per device: (signed code, signed thresholds, unsigned code, unsigned
+# thresholds), made once (a steady-state step builds no tensor).
+_CODE_TABLES: dict = {}
+
+
+def code_tables(device: torch.device) -> tuple[torch.Tensor, ...]:
+    tables_ = _CODE_TABLES.get(device)
+    if tables_ is None:
+        from dist_optim.state.codes import SIGNED, UNSIGNED, thresholds
+
+        tables_ = _CODE_TABLES[device] = tuple(t.to(device) for t in (SIGNED, thresholds(SIGNED), UNSIGNED,
+                                                                      thresholds(UNSIGNED)))
+    return tables_
+
+
+def quant_block() -> int:
+    from dist_optim.state.layout import QBLOCK
+
+    return QBLOCK
+
+
+def check_int8(name: str, reference: Sequence[torch.Tensor], codes: Sequence[torch.Tensor],
+               absmax: Sequence[torch.Tensor], qblock: int) -> None:
+    check(name, reference, codes, fp32=False)
+    if len(absmax) != len(reference):
+        raise ValueError(f"{name} absmax: {len(absmax)} tensors for {len(reference)} params")
+    for i, (r, c, a) in enumerate(zip(reference, codes, absmax)):
+        if c.dtype != torch.uint8:
+            raise ValueError(f"{name}[{i}] is {c.dtype}; int8 state codes must be uint8")
+        blocks = -(-r.numel() // qblock)
+        if a.dtype != torch.float32 or a.numel() != blocks or a.device != r.device or not a.is_contiguous():
+            raise ValueError(f"{name}[{i}]'s absmax must be a contiguous fp32 tensor of {blocks} elements on "
+                             f"{r.device}, got {a.dtype} {tuple(a.shape)} on {a.device}")
+
+
 def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence,
            compile_only: bool = False, skip: torch.Tensor | None = None,
-           counters: Mapping[str, Sequence[torch.Tensor] | None] | None = None, **constexprs) -> None:
+           counters: Mapping[str, Sequence[torch.Tensor] | None] | None = None,
+           absmax: Sequence[Sequence[torch.Tensor] | None] | None = None, **constexprs) -> None:
     """Run an update kernel ``kernel[(chunks,)](P, G, *states, *COUNTERS, CHUNKS, SKIP, *scalars, ...)``
     once per bucket. ``states`` and ``counters`` entries may be None (the kernel's switches say they
     are absent). ``counters``: per-tensor roles by name, in the kernel's order, each one one-element
@@ -217,19 +259,34 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     fp32 device tensors (``device_scalar``). ``skip``: a one-element device tensor; where it is nonzero the kernel
     changes nothing (a step skipped on the device, e.g. on a non-finite gradient, without a host
     sync). ``compile_only``: compile what this call would launch and change nothing (warm-up before
-    a run, so no step compiles mid-training)."""
+    a run, so no step compiles mid-training).
+
+    ``absmax``: for a kernel with an int8-state variant, one entry per state role: None for fp32
+    state, or the per-block absmax of int8 state (the role's tensors then being uint8 codes). Such a
+    kernel takes the absmax tables after the states and the code tables after SKIP, with constexprs
+    QUANT and QBLOCK; its quantized variant runs tiles of max(BLOCK, QBLOCK) so that a tile holds
+    whole quantization blocks (only the interpreter's BLOCK is smaller than QBLOCK)."""
     counters = counters or {}
+    quant = absmax is not None and any(a is not None for a in absmax)
+    qblock = quant_block() if absmax is not None else 0
 
     def validate() -> None:
         check("grads", params, grads, fp32=False)
-        for s in states:
-            if s is not None:
+        for i, s in enumerate(states):
+            if s is None:
+                continue
+            if absmax is not None and absmax[i] is not None:
+                check_int8("state", params, s, absmax[i], qblock)
+            else:
                 check("state", params, s, fp32=True)
         for name, c in counters.items():
             if c is not None:
                 check_counters(name, params, c)
 
-    roles = [params, grads, *states, *counters.values()]
+    if absmax is not None:
+        if len(absmax) != len(states):
+            raise ValueError(f"absmax: {len(absmax)} entries for {len(states)} state roles")
+    roles = [params, grads, *states, *(absmax or ()), *counters.values()]
     if any(role is not None and len(role) != len(params) for role in roles):  # tables pair them by index
         validate()
     elementwise = 2 + len(states)
@@ -237,8 +294,14 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
         ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
+        block, extra = BLOCK, {}
+        maps = ()
+        if absmax is not None:
+            maps = code_tables(device) if quant else (chunks,) * 4  # placeholders the fp32 variant never reads
+            block = max(BLOCK, qblock) if quant else BLOCK
+            extra = dict(QUANT=quant, QBLOCK=qblock)
         _launch.run(
-            kernel, (n,), device, *ptrs, chunks, chunks if flag is None else flag, *values, compile_only=compile_only,
-            P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS,
-            HAS_SKIP=has_skip, **constexprs,
+            kernel, (n,), device, *ptrs, chunks, chunks if flag is None else flag, *maps, *values,
+            compile_only=compile_only, P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=block,
+            num_warps=NUM_WARPS, HAS_SKIP=has_skip, **extra, **constexprs,
         )

@@ -10,17 +10,18 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, f64, lr64, moments, powers, scalar, step_count
+from ._jit import aligned_base, chunk_base, chunk_of, f64, lr64, moments, powers, quant_tile, scalar, step_count
 
 
 @triton.jit
-def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, offs, mask, lr, beta1, beta2, eps, weight_decay, step_size,
-                 lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr,
-                 DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr, LERP_LOW: tl.constexpr):
+def _radam_block(p_ptr, g_ptr, m_ptr, v_ptr, slow_ptr, ma_ptr, va_ptr, q, offs, mask, lr, beta1, beta2, eps,
+                 weight_decay, step_size, lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE: tl.constexpr,
+                 HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
+                 LERP_LOW: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     # RECTIFIED and SYNC: False, True, or 2 = decided per tensor at run time from its counters (rect;
     # sync_limit: the chunk-local end of the elements to sync, 0 when the tensor does not sync).
     p, m, v = moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_decay, grad_scale,
-                      HAS_WD, DECOUPLED, LERP_LOW)
+                      HAS_WD, DECOUPLED, LERP_LOW, ma_ptr, va_ptr, q, QUANT, QBLOCK)
     if RECTIFIED == 2:
         p = p + (-step_size) * tl.where(rect, m / (tl.sqrt(v) + eps), m)
     elif RECTIFIED:
@@ -69,12 +70,14 @@ def syncs(LA_STEPS, t, k):
 
 
 @triton.jit
-def _radam_kernel(P, G, M, V, SLOW, STEPS, LA_STEPS, CHUNKS, SKIP, lr, beta1, beta2, eps, weight_decay, step_size,
-                  lookahead_alpha, grad_scale, k, lr_exact: tl.float64, beta1_exact: tl.float64,
-                  beta2_exact: tl.float64, rho_threshold: tl.float64,
+def _radam_kernel(P, G, M, V, SLOW, MA, VA, SLOWA, STEPS, LA_STEPS, CHUNKS, SKIP, SCODE, STHR, UCODE, UTHR, lr, beta1,
+                  beta2, eps, weight_decay, step_size, lookahead_alpha, grad_scale, k, lr_exact: tl.float64,
+                  beta1_exact: tl.float64, beta2_exact: tl.float64, rho_threshold: tl.float64,
                   P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, RECTIFIED: tl.constexpr, SYNC: tl.constexpr,
-                  LERP_LOW: tl.constexpr, HAS_SKIP: tl.constexpr):
+                  LERP_LOW: tl.constexpr, HAS_SKIP: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
+    # QUANT: m and v are int8 codes (M, V) with per-block absmax (MA, VA); the slow weights stay fp32
+    # (SLOWA is the launcher's placeholder for their absent absmax).
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
     if RECTIFIED == 2:
         rect, step_size = radam_scalars(STEPS, t, lr, lr_exact, beta1_exact, beta2_exact, rho_threshold)
@@ -92,25 +95,33 @@ def _radam_kernel(P, G, M, V, SLOW, STEPS, LA_STEPS, CHUNKS, SKIP, lr, beta1, be
     weight_decay = scalar(weight_decay)
     lookahead_alpha = scalar(lookahead_alpha)
     grad_scale = scalar(grad_scale)
+    S_DTYPE: tl.constexpr = tl.uint8 if QUANT else tl.float32
+    if QUANT:
+        ma = chunk_base(MA, t, start // QBLOCK, tl.float32)
+        va = chunk_base(VA, t, start // QBLOCK, tl.float32)
+    else:
+        ma, va = MA, VA
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
-        m, v = aligned_base(M, t, start, tl.float32), aligned_base(V, t, start, tl.float32)
+        m, v = aligned_base(M, t, start, S_DTYPE), aligned_base(V, t, start, S_DTYPE)
         slow = aligned_base(SLOW, t, start, tl.float32)
         sync_limit = tl.where(do_sync, CHUNK, 0)
         for off in range(0, CHUNK, BLOCK):
-            _radam_block(p, g, m, v, slow, off + tl.arange(0, BLOCK), None, lr, beta1, beta2, eps, weight_decay,
-                         step_size, lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE, HAS_WD, DECOUPLED, RECTIFIED,
-                         SYNC, LERP_LOW)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _radam_block(p, g, m, v, slow, ma, va, q, off + tl.arange(0, BLOCK), None, lr, beta1, beta2, eps,
+                         weight_decay, step_size, lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE, HAS_WD,
+                         DECOUPLED, RECTIFIED, SYNC, LERP_LOW, QUANT, QBLOCK)
     else:
         p, g = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE)
-        m, v = chunk_base(M, t, start, tl.float32), chunk_base(V, t, start, tl.float32)
+        m, v = chunk_base(M, t, start, S_DTYPE), chunk_base(V, t, start, S_DTYPE)
         slow = chunk_base(SLOW, t, start, tl.float32)
         sync_limit = tl.where(do_sync, (end - start).to(tl.int32), 0)  # at most CHUNK
         for off in range(0, CHUNK, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            _radam_block(p, g, m, v, slow, offs, offs < end - start, lr, beta1, beta2, eps, weight_decay,
-                         step_size, lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE, HAS_WD, DECOUPLED, RECTIFIED,
-                         SYNC, LERP_LOW)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _radam_block(p, g, m, v, slow, ma, va, q, offs, offs < end - start, lr, beta1, beta2, eps,
+                         weight_decay, step_size, lookahead_alpha, grad_scale, rect, sync_limit, P_DTYPE, HAS_WD,
+                         DECOUPLED, RECTIFIED, SYNC, LERP_LOW, QUANT, QBLOCK)
 
 
 @triton.jit
@@ -163,13 +174,14 @@ def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, de
     if isinstance(rectified, torch.Tensor):
         raise ValueError("rectified is the host's bool; for a decision on the device pass steps=")
     la = sync_counters(has_slow, la_steps, k)
+    quant = _multi_tensor.absmax_roles(states, ["exp_avg", "exp_avg_sq"])
     _multi_tensor.launch(
         _radam_kernel, params, grads,
         [states["exp_avg"], states["exp_avg_sq"], states["slow_buffer"] if has_slow else None],
         [lr, beta1, beta2, eps, weight_decay, *_multi_tensor.step_scalars(steps, [step_size]),
          lookahead_alpha if has_slow else 0.0, grad_scale, float(k) if la is not None else 1.0,
          _multi_tensor.exact(lr), float(beta1), float(beta2), 0.0 if rho_threshold is None else float(rho_threshold)],
-        compile_only, skip, {"steps": steps, "la_steps": la},
+        compile_only, skip, {"steps": steps, "la_steps": la}, absmax=quant + [None],
         HAS_WD=weight_decay != 0.0, DECOUPLED=bool(decoupled), RECTIFIED=2 if steps is not None else bool(rectified),
         SYNC=(2 if la is not None else True) if has_slow else False, LERP_LOW=(1.0 - beta1) < 0.5,
     )

@@ -58,6 +58,9 @@ def fused_kernels(backend: str, params: Tensors, grads: Tensors | None = None, s
     torch path. The CPU kernels take fp32/bf16/fp16 params and grads with fp32 state; anything else
     (fp64, say) goes to the torch path under 'auto' and is refused under 'cpu'."""
     which = resolve_backend(backend, params)
+    if which == "cpu" and states is not None and quantized_keys(states):
+        # cpu_kernels has no int8 kernels: quantized state takes the torch path (README)
+        return None
     if which == "triton":
         import triton_kernels
 
@@ -73,6 +76,37 @@ def fused_kernels(backend: str, params: Tensors, grads: Tensors | None = None, s
                 f"{sorted({str(p.dtype) for p in params})}"
             )
     return None
+
+
+def quantized_keys(states: Mapping[str, Tensors]) -> list[str]:
+    """The moments of ``states`` held as int8 codes (their ``<key>_absmax`` is present)."""
+    from ..state.layout import ABSMAX_SUFFIX
+
+    return [k[: -len(ABSMAX_SUFFIX)] for k in states if k.endswith(ABSMAX_SUFFIX)]
+
+
+def dequantized(params: Tensors, states: Mapping[str, Tensors]):
+    """The torch path of int8 state: (states with each quantized moment as fp32 tensors shaped like
+    its param, a function writing them back as codes and absmax), or (states, None) when nothing is
+    quantized. The fp32 math in between is the fp32-state path's, so the two modes differ only by
+    the rounding of the stored moments."""
+    qkeys = quantized_keys(states)
+    if not qkeys:
+        return states, None
+    from ..state.layout import ABSMAX_SUFFIX, absmax_key, dequantize_state, quantize_state
+
+    fp32 = {k: v for k, v in states.items() if not k.endswith(ABSMAX_SUFFIX)}
+    for k in qkeys:
+        fp32[k] = [dequantize_state(c, a, k, p.shape) for c, a, p in zip(states[k], states[absmax_key(k)], params)]
+
+    def requantize() -> None:
+        for k in qkeys:
+            for codes, absmax, x in zip(states[k], states[absmax_key(k)], fp32[k]):
+                new_codes, new_absmax = quantize_state(x, k)
+                codes.copy_(new_codes)
+                absmax.copy_(new_absmax)
+
+    return fp32, requantize
 
 
 def fp32_views(params: Tensors) -> list[torch.Tensor]:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Step, Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 
 def moments(params, grads, states, *, lr, beta1, beta2, weight_decay, decoupled, grad_scale):
@@ -80,6 +80,7 @@ def adam_step(
             bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale,
         )
         return
+    states, requantize = dequantized(params, states)
     p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
                                          weight_decay=weight_decay, decoupled=decoupled, grad_scale=grad_scale)
     if amsgrad:
@@ -92,3 +93,5 @@ def adam_step(
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(p32, exp_avgs, denom, value=-step_size)
     write_back(params, p32)
+    if requantize is not None:
+        requantize()

@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Step, Tensors, fused_kernels, host_number, on_host, reads_device_values, write_back
+from ._common import Step, Tensors, dequantized, fused_kernels, host_number, on_host, reads_device_values, write_back
 from .adam import moments
 from .lookahead import pull_and_reset
 
@@ -96,6 +96,7 @@ def radam_step(
             grad_scale=grad_scale,
         )
         return
+    states, requantize = dequantized(params, states)
     p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
                                          weight_decay=weight_decay, decoupled=decoupled, grad_scale=grad_scale)
     if rectified:
@@ -107,4 +108,5 @@ def radam_step(
     if lookahead_alpha is not None:
         pull_and_reset(p32, list(states["slow_buffer"]), lookahead_alpha)
     write_back(params, p32)
-
+    if requantize is not None:
+        requantize()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _checks
-from ..distributed.shard import new_state_like
 from ..functional import adam_step
 from ..functional.adam import adam_state_keys
 from .base import FusedOptimizer
@@ -39,6 +38,7 @@ class Adam(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -46,7 +46,7 @@ class Adam(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable
+            capturable=capturable, state_dtype=state_dtype,
         )
 
     def _check_group(self, group):
@@ -59,18 +59,21 @@ class Adam(FusedOptimizer):
         return [frozenset(adam_state_keys(group["amsgrad"]))]
 
     def _init_state(self, param, group):
-        keys = adam_state_keys(group["amsgrad"])
-        return {"step": self._new_counter(param), **{k: new_state_like(param) for k in keys if k != "step"}}
+        state = {"step": self._new_counter(param)}
+        for k in adam_state_keys(group["amsgrad"])[1:]:
+            state.update(self._new_moment(param, k))
+        return state
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         beta1, beta2 = group["betas"]
         keys = adam_state_keys(group["amsgrad"])[1:]
-        for ps, gs, states, t in self._step_buckets(group, params, grads, keys, skip):
-            adam_step(
-                ps, gs, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
-                amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
-            )
+        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "exp_avg"):
+            for ps, gs, states, t in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized), skip):
+                adam_step(
+                    ps, gs, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
+                    amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
+                )
 
 
 class AdamW(Adam):
@@ -91,9 +94,10 @@ class AdamW(Adam):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable,
+            capturable=capturable, state_dtype=state_dtype,
         )

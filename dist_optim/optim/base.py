@@ -33,9 +33,11 @@ from torch.optim import Optimizer
 from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
-from ..distributed.shard import is_dtensor, local_tensor, local_tensors
+from ..distributed.shard import is_dtensor, local_tensor, local_tensors, new_state_like
 from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
+from ..state import quantizes
+from ..state.layout import absmax_key, check_state_dtype, zero_state
 from . import _state_dict
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
@@ -60,7 +62,9 @@ class FusedOptimizer(Optimizer):
         backend: str,
         process_group: Any,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
+        self.state_dtype = check_state_dtype(state_dtype)
         if isinstance(params, torch.Tensor):
             raise ValueError(f"params must be an iterable of tensors or dicts, got a {torch.typename(params)}")
         params = list(params)
@@ -296,6 +300,36 @@ class FusedOptimizer(Optimizer):
 
     def _checks_grads(self) -> bool:
         return self.max_grad_norm is not None or self.nonfinite != "apply"
+
+    # --- int8 state -------------------------------------------------------------------------------
+    def _quantizes(self, param: torch.Tensor) -> bool:
+        """Whether ``param``'s moments are int8: ``state_dtype="int8"`` and at least
+        ``dist_optim.state.MIN_QUANTIZED_NUMEL`` elements in the whole param (a DTensor's global
+        count, so every rank and every shard layout decides alike; a ZeRO partition's own count)."""
+        return self.state_dtype == "int8" and quantizes(param.numel())
+
+    def _new_moment(self, param: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
+        """A zero moment for ``param``: fp32 like the param, or int8 codes and absmax over the local
+        shard (plain tensors: their blocks are laid out over this rank's shard, so they are not
+        slices of one global tensor; checkpoints hold the fp32 form, see ``state_dict``)."""
+        if self._quantizes(param):
+            local = local_tensor(param)
+            return zero_state(local.numel(), key, local.device)
+        return {key: new_state_like(param)}
+
+    def _by_state_dtype(self, group, params, grads, key: str):
+        """(params, grads, quantized) for the params with fp32 and with int8 moments (``key``: a
+        moment every state of the family has), the non-empty ones: a launch takes one kind."""
+        states = self._states_for(group, params)
+        quant = [absmax_key(key) in s for s in states]
+        for want in (False, True):
+            idx = [i for i, q in enumerate(quant) if q is want]
+            if idx:
+                yield [params[i] for i in idx], [grads[i] for i in idx], want
+
+    @staticmethod
+    def _with_absmax(keys: Sequence[str], quantized: bool) -> tuple[str, ...]:
+        return tuple(keys) + (tuple(absmax_key(k) for k in keys) if quantized else ())
 
     # --- helpers --------------------------------------------------------------------------------
     def _collect_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _checks
-from ..distributed.shard import new_state_like
 from ..functional import radam_step
 from ..functional.radam import STATE_KEYS
 from .base import FusedOptimizer
@@ -52,6 +51,7 @@ class RAdam(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
         **extra_defaults: Any,
     ) -> None:
         defaults = dict(
@@ -60,7 +60,7 @@ class RAdam(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable
+            capturable=capturable, state_dtype=state_dtype,
         )
 
     def _check_group(self, group):
@@ -74,7 +74,8 @@ class RAdam(FusedOptimizer):
         return [_KEYS]
 
     def _init_state(self, param, group):
-        return {"step": self._new_counter(param), "exp_avg": new_state_like(param), "exp_avg_sq": new_state_like(param)}
+        return {"step": self._new_counter(param), **self._new_moment(param, "exp_avg"),
+                **self._new_moment(param, "exp_avg_sq")}
 
     def _radam_hyper(self, group, grad_scale, skip):
         beta1, beta2 = group["betas"]
@@ -86,5 +87,7 @@ class RAdam(FusedOptimizer):
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         hyper = self._radam_hyper(group, grad_scale, skip)
-        for ps, gs, states, t in self._step_buckets(group, params, grads, ("exp_avg", "exp_avg_sq"), skip):
-            radam_step(ps, gs, states, step=t, **hyper)
+        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "exp_avg"):
+            keys = self._with_absmax(("exp_avg", "exp_avg_sq"), quantized)
+            for ps, gs, states, t in self._step_buckets(group, qps, qgs, keys, skip):
+                radam_step(ps, gs, states, step=t, **hyper)

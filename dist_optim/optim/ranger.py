@@ -8,6 +8,7 @@ import torch
 
 from ..distributed.shard import local_tensor
 from ..functional import compiling, lookahead_sync, radam_step
+from ..state.layout import absmax_key
 from .base import advance
 from .lookahead import LOOKAHEAD_KEYS, check_k_alpha, count_and_pick_due, members, slow_weights
 from .radam import RAdam
@@ -39,11 +40,12 @@ class Ranger(RAdam):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, rho_threshold, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable,
+            capturable=capturable, state_dtype=state_dtype,
             k=k, alpha=alpha,
         )
 
@@ -79,9 +81,11 @@ class Ranger(RAdam):
             return
         hyper = self._radam_hyper(group, grad_scale, skip)
         states = self._states_for(group, params)
-        slow = [i for i, s in enumerate(states) if "slow_buffer" in s]
-        plain = [i for i, s in enumerate(states) if "slow_buffer" not in s]  # params that are not members
-        for idx, keys in ((slow, ("exp_avg", "exp_avg_sq", "slow_buffer")), (plain, ("exp_avg", "exp_avg_sq"))):
+        # one launch per (slow weights or not, int8 moments or not)
+        kinds = [("slow_buffer" in s, absmax_key("exp_avg") in s) for s in states]
+        for has_slow, quantized in sorted(set(kinds)):
+            idx = [i for i, kind in enumerate(kinds) if kind == (has_slow, quantized)]
+            keys = self._with_absmax(("exp_avg", "exp_avg_sq"), quantized) + (("slow_buffer",) if has_slow else ())
             if idx:
                 picked = [states[i] for i in idx]
                 radam_step(
@@ -89,8 +93,8 @@ class Ranger(RAdam):
                     self._locals(grads[i] for i in idx),
                     self._states_of(picked, keys),
                     step=[s["step"] for s in picked],
-                    lookahead_alpha=group["alpha"] if keys[-1] == "slow_buffer" else None,
-                    lookahead_steps=self._locals(s["lookahead_step"] for s in picked) if keys[-1] == "slow_buffer" else None,
+                    lookahead_alpha=group["alpha"] if has_slow else None,
+                    lookahead_steps=self._locals(s["lookahead_step"] for s in picked) if has_slow else None,
                     k=group["k"],
                     **hyper,
                 )
@@ -125,12 +129,13 @@ class Ranger(RAdam):
         due = {id(synced[i]) for i in count_and_pick_due([self.state[p] for p in synced], group["k"])}
         hyper = self._radam_hyper(group, grad_scale, None)
         states = self._states_for(group, params)
+        quantized = [absmax_key("exp_avg") in s for s in states]
         for t, idx in advance(states).items():
-            for sync in (True, False):
-                sel = [i for i in idx if (id(params[i]) in due) is sync]
+            for sync, quant in ((True, False), (False, False), (True, True), (False, True)):
+                sel = [i for i in idx if (id(params[i]) in due) is sync and quantized[i] is quant]
                 if not sel:
                     continue
-                keys = ("exp_avg", "exp_avg_sq", "slow_buffer") if sync else ("exp_avg", "exp_avg_sq")
+                keys = self._with_absmax(("exp_avg", "exp_avg_sq"), quant) + (("slow_buffer",) if sync else ())
                 radam_step(
                     self._locals(params[i] for i in sel),
                     self._locals(grads[i] for i in sel),
