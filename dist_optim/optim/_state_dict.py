@@ -3,6 +3,15 @@
 torch.optim.Optimizer.load_state_dict casts state to the param's dtype (bf16 state for bf16 params)
 and aliases the given tensors; we keep state fp32, copy it, and refuse a state_dict from another
 optimizer class or shape with a ValueError before anything changes.
+
+int8 state (``state_dtype="int8"``) is checkpointed in fp32 form: ``state_dict()`` dequantizes each
+int8 moment into an fp32 tensor laid out like its param (a DTensor for a DTensor param), so DCP
+saves and reshards it like any state, and a load quantizes a moment again where the loading
+optimizer keeps it in int8. The codes' block layout depends on the shard boundaries, so the fp32 form
+is what stays valid at another world size; at the same layout the round trip is exact
+(quantizing a dequantized block gives its codes and absmax back: the absmax element dequantizes to
++-absmax exactly, and every other element to a table entry times it, which requantizes to its own
+code — tests/optim/test_int8_checkpoint.py). Either mode loads the other's checkpoints.
 """
 
 from __future__ import annotations
@@ -13,6 +22,9 @@ from typing import Any
 
 import torch
 from torch.optim import Optimizer
+
+from ..distributed.shard import local_tensor, new_state_like
+from ..state.layout import ABSMAX_SUFFIX, SIGNED_KEYS, UNSIGNED_KEYS, absmax_key, dequantize_state, quantize_state
 
 # Per-param counters kept as 0-dim fp32 tensors (torch.optim's convention for "step"), on the CPU
 # or, where the kernels read them, on the param's device (the optimizer's ``counter_device``).
@@ -60,6 +72,7 @@ def restore(
     key_blocks: Callable[[dict[str, Any]], KeyBlocks],
     check_group: Callable[[dict[str, Any]], None],
     counter_device: Callable[[torch.Tensor], torch.device],
+    stored_form: Callable[[torch.Tensor, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
 ) -> tuple[defaultdict, list[dict[str, Any]]]:
     """The (state, param_groups) that ``state_dict`` describes for ``optimizer``'s params, fully
     validated; raises ValueError and changes nothing when it does not fit."""
@@ -89,10 +102,52 @@ def restore(
         if pid not in id_map:
             raise ValueError(f"state_dict['state'] has an entry for param id {pid!r}, which no param group lists")
         param, group = id_map[pid]
+        codes = sorted(k for k in pstate if k.endswith(ABSMAX_SUFFIX))
+        if codes:
+            raise ValueError(
+                f"state_dict['state'][{pid!r}] holds int8 codes ({', '.join(codes)}): save with the optimizer's own "
+                "state_dict(), which stores every moment in fp32 form (resharded by DCP, quantized again on load)"
+            )
         check_keys(name, pid, set(pstate), key_blocks(group))
         counters_at = counter_device(param)
-        new_state[param] = {k: _restore_value(pid, k, v, param, counters_at) for k, v in pstate.items()}
+        restored = {k: _restore_value(pid, k, v, param, counters_at) for k, v in pstate.items()}
+        new_state[param] = stored_form(param, restored) if stored_form is not None else restored
     return new_state, new_groups
+
+
+def fp32_moments(params: Sequence[torch.Tensor], state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` (torch's packing: ``params`` numbered in param-group order) with each int8
+    moment replaced by its fp32 form shaped like the param and its absmax dropped. The packed state's
+    per-param dicts are the live ones, so a converted param gets a new dict."""
+    state = state_dict["state"]
+    for pid, pstate in list(state.items()):
+        if not any(isinstance(k, str) and k.endswith(ABSMAX_SUFFIX) for k in pstate):
+            continue
+        param = params[pid]
+        converted = {}
+        for k, v in pstate.items():
+            if k.endswith(ABSMAX_SUFFIX):
+                continue
+            if absmax_key(k) in pstate:
+                out = new_state_like(param)
+                local = local_tensor(out)
+                local.copy_(dequantize_state(v, pstate[absmax_key(k)], k, local.shape))
+                v = out
+            converted[k] = v
+        state[pid] = converted
+    return state_dict
+
+
+def quantized_form(param: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A loaded param state with its moments (fp32, like the param) quantized over the local shard."""
+    out = {}
+    for k, v in state.items():
+        if k in SIGNED_KEYS or k in UNSIGNED_KEYS:
+            codes, absmax = quantize_state(local_tensor(v), k)
+            out[k], out[absmax_key(k)] = codes, absmax
+        else:
+            out[k] = v
+    return out
 
 
 def load_into(

@@ -173,11 +173,20 @@ class FusedOptimizer(Optimizer):
         if device is not None:
             self._warm_device_flow(work, device)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state_dict, with int8 moments in fp32 form (see ``_state_dict``)."""
+        return _state_dict.fp32_moments([p for g in self.param_groups for p in g["params"]], super().state_dict())
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(
             self, state_dict,
-            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group, self.counter_device),
+            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group, self.counter_device,
+                                           self._stored_form),
         )
+
+    def _stored_form(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A loaded state as this optimizer keeps it: moments quantized where ``_quantizes(param)``."""
+        return _state_dict.quantized_form(param, state) if self._quantizes(param) else state
 
     # --- the step ---------------------------------------------------------------------------------
     def _step(self, closure, grad_scale, counters: Sequence[torch.Tensor] = (), *, host: bool = False):

@@ -171,12 +171,17 @@ class Lookahead(Optimizer):
     def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
         return [LOOKAHEAD_KEYS, *self.optimizer._state_key_blocks(group)]
 
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state with Lookahead's, int8 moments in fp32 form."""
+        return _state_dict.fp32_moments([p for g in self.param_groups for p in g["params"]], super().state_dict())
+
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(
             self,
             state_dict,
             lambda sd: _state_dict.restore(
-                self, sd, self._state_key_blocks, self.optimizer._check_group, self.optimizer.counter_device
+                self, sd, self._state_key_blocks, self.optimizer._check_group, self.optimizer.counter_device,
+                self.optimizer._stored_form,
             ),
             owner=self.optimizer,
         )
