@@ -95,6 +95,10 @@ def markdown(result: dict) -> str:
         "",
         f"`{result.get('command', 'python benchmarks/zero_offload.py')}`",
         "",
+        # Other processes on the machine take cores and memory bandwidth from the run: say how busy it was.
+        *([f"Machine load (1-minute load average at the start / end, the run's own ranks included): "
+           f"{result['load_average'][0]:.1f} / {result['load_average'][1]:.1f} on {result['cpus']} CPUs.", ""]
+          if "load_average" in result else []),
         f"{result['params']:,} fp32 params (4 Linear layers), {result['threads']} threads per rank, median of "
         f"{result['repeats']} steps, contenders in turn. `engine.step()` includes the norm, clipping, the CPU update, "
         "the copy back and the all-gather; `whole step` adds forward and backward. Ratios are to DeepSpeedCPUAdam "
@@ -120,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     world = 2
     stages = [int(s) for s in args.stages.split(",")]
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         result_file = os.path.join(tmp, "rows.json")
         mp.start_processes(
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> None:
 
     result = dict(world=world, device=device_name(torch.device("cpu")).split(" (")[0], params=int(args.params),
                   threads=max(1, (os.cpu_count() or 1) // world), repeats=args.repeats, rows=rows,
-                  command=" ".join(["python benchmarks/zero_offload.py", *(argv if argv is not None else sys.argv[1:])]))
+                  command=" ".join(["python benchmarks/zero_offload.py", *(argv if argv is not None else sys.argv[1:])]),
+                  load_average=[load_before, os.getloadavg()[0]], cpus=os.cpu_count())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "zero_offload_cpu.json").write_text(json.dumps(result, indent=1))
