@@ -38,6 +38,7 @@ from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_c
 from ..functional.control import CLIP_EPS
 from ..state import quantizes
 from ..state.layout import absmax_key, check_state_dtype, zero_state
+from ..state.report import MemoryReport, memory_report
 from . import _state_dict
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
@@ -172,6 +173,13 @@ class FusedOptimizer(Optimizer):
             self._prepare_device_state(group, params)
         if device is not None:
             self._warm_device_flow(work, device)
+
+    def memory_report(self) -> "MemoryReport":
+        """Bytes of optimizer state on this rank: ``total``, ``int8`` (codes and absmax), ``fp32``
+        (fp32 state tensors), ``counters``; how many params hold int8 or fp32 moments
+        (``params_int8``, ``params_fp32``), their local elements (``numel``) and
+        ``bytes_per_element``; ``per_entry`` by state key (dist_optim.state.report)."""
+        return memory_report(self.state)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state_dict, with int8 moments in fp32 form (see ``_state_dict``)."""

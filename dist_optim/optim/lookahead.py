@@ -171,6 +171,10 @@ class Lookahead(Optimizer):
     def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
         return [LOOKAHEAD_KEYS, *self.optimizer._state_key_blocks(group)]
 
+    def memory_report(self):
+        """The wrapped optimizer's report (the state is shared: slow weights count as fp32)."""
+        return self.optimizer.memory_report()
+
     def state_dict(self) -> dict[str, Any]:
         """The wrapped optimizer's state with Lookahead's, int8 moments in fp32 form."""
         return _state_dict.fp32_moments([p for g in self.param_groups for p in g["params"]], super().state_dict())
