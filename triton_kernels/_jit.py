@@ -123,6 +123,16 @@ def quant_tile(off, end, SCODE, STHR, UCODE, UTHR, BLOCK: tl.constexpr, QBLOCK: 
 
 
 @triton.jit
+def absmax_base(TABLE, t, start, QBLOCK: tl.constexpr, QUANT: tl.constexpr):
+    """Tensor t's absmax pointer at the chunk starting at element ``start`` (a multiple of QBLOCK),
+    or the table itself for fp32 state (never read)."""
+    if QUANT:
+        return chunk_base(TABLE, t, start // QBLOCK, tl.float32)
+    else:
+        return TABLE
+
+
+@triton.jit
 def load_state(ptr, aptr, offs, mask, q, SIGNED: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     """An fp32 state tile: loaded, or dequantized from codes and absmax under QUANT."""
     if QUANT:

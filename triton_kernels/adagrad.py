@@ -6,15 +6,16 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, f64, load_param_and_grad, lr64, scalar, step_count
+from ._jit import (absmax_base, aligned_base, chunk_base, chunk_of, f64, load_param_and_grad, load_state, lr64,
+                   quant_tile, scalar, step_count, store_state)
 
 
 @triton.jit
-def _adagrad_block(p_ptr, g_ptr, s_ptr, offs, mask, clr, weight_decay, eps, grad_scale,
-                   P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr):
+def _adagrad_block(p_ptr, g_ptr, s_ptr, sa_ptr, q, offs, mask, clr, weight_decay, eps, grad_scale,
+                   P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
-    s = tl.load(s_ptr + offs, mask=mask) + g * g
-    tl.store(s_ptr + offs, s, mask=mask)
+    s = load_state(s_ptr, sa_ptr, offs, mask, q, False, QUANT, QBLOCK) + g * g
+    store_state(s_ptr, sa_ptr, s, offs, mask, q, False, QUANT, QBLOCK)
     p = p + (g * (-clr)) / (tl.sqrt(s) + eps)
     tl.store(p_ptr + offs, p.to(P_DTYPE), mask=mask)
 
@@ -32,10 +33,12 @@ def adagrad_clr(STEPS, t, lr, lr_exact, lr_decay):
 
 
 @triton.jit
-def _adagrad_kernel(P, G, S, STEPS, CHUNKS, SKIP, clr, weight_decay, eps, grad_scale, lr, lr_exact: tl.float64,
-                    lr_decay: tl.float64,
+def _adagrad_kernel(P, G, S, SA, STEPS, CHUNKS, SKIP, SCODE, STHR, UCODE, UTHR, clr, weight_decay, eps, grad_scale, lr,
+                    lr_exact: tl.float64, lr_decay: tl.float64,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                    HAS_WD: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_STEPS: tl.constexpr):
+                    HAS_WD: tl.constexpr, HAS_SKIP: tl.constexpr, HAS_STEPS: tl.constexpr, QUANT: tl.constexpr,
+                    QBLOCK: tl.constexpr):
+    # QUANT: the sum is int8 codes (S) with per-block absmax (SA), unsigned map.
     # HAS_STEPS: clr comes from this tensor's step count (STEPS), lr and lr_decay; else it is the launcher's.
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
     if HAS_STEPS:
@@ -45,16 +48,22 @@ def _adagrad_kernel(P, G, S, STEPS, CHUNKS, SKIP, clr, weight_decay, eps, grad_s
     weight_decay = scalar(weight_decay)
     eps = scalar(eps)
     grad_scale = scalar(grad_scale)
+    S_DTYPE: tl.constexpr = tl.uint8 if QUANT else tl.float32
+    sa = absmax_base(SA, t, start, QBLOCK, QUANT)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
-        s = aligned_base(S, t, start, tl.float32)
+        s = aligned_base(S, t, start, S_DTYPE)
         for off in range(0, CHUNK, BLOCK):
-            _adagrad_block(p, g, s, off + tl.arange(0, BLOCK), None, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _adagrad_block(p, g, s, sa, q, off + tl.arange(0, BLOCK), None, clr, weight_decay, eps, grad_scale, P_DTYPE,
+                           HAS_WD, QUANT, QBLOCK)
     else:
-        p, g, s = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE), chunk_base(S, t, start, tl.float32)
+        p, g, s = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE), chunk_base(S, t, start, S_DTYPE)
         for off in range(0, CHUNK, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            _adagrad_block(p, g, s, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE, HAS_WD)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _adagrad_block(p, g, s, sa, q, offs, offs < end - start, clr, weight_decay, eps, grad_scale, P_DTYPE,
+                           HAS_WD, QUANT, QBLOCK)
 
 
 def adagrad_step(params, grads, states, *, clr=None, weight_decay, eps, grad_scale, compile_only: bool = False,
@@ -68,5 +77,6 @@ def adagrad_step(params, grads, states, *, clr=None, weight_decay, eps, grad_sca
         _adagrad_kernel, params, grads, [states["sum"]],
         [*_multi_tensor.step_scalars(steps, [clr]), weight_decay, eps, grad_scale, 0.0 if lr is None else lr,
          _multi_tensor.exact(0.0 if lr is None else lr), 0.0 if lr_decay is None else float(lr_decay)],
-        compile_only, skip, {"steps": steps}, HAS_WD=weight_decay != 0.0, HAS_STEPS=steps is not None,
+        compile_only, skip, {"steps": steps}, absmax=_multi_tensor.absmax_roles(states, ["sum"]),
+        HAS_WD=weight_decay != 0.0, HAS_STEPS=steps is not None,
     )

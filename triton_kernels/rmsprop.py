@@ -6,25 +6,30 @@ import triton
 import triton.language as tl
 
 from . import _multi_tensor
-from ._jit import aligned_base, chunk_base, chunk_of, lerp, load_param_and_grad, scalar
+from ._jit import (absmax_base, aligned_base, chunk_base, chunk_of, lerp, load_param_and_grad, load_state, quant_tile,
+                   scalar, store_state)
 
 
 @triton.jit
-def _rmsprop_block(p_ptr, g_ptr, sq_ptr, ga_ptr, mb_ptr, offs, mask, lr, alpha, eps, weight_decay, momentum,
-                   grad_scale, P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr, CENTERED: tl.constexpr,
-                   HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr):
+def _rmsprop_block(p_ptr, g_ptr, sq_ptr, ga_ptr, mb_ptr, sqa_ptr, gaa_ptr, mba_ptr, q, offs, mask, lr, alpha, eps,
+                   weight_decay, momentum, grad_scale, P_DTYPE: tl.constexpr, HAS_WD: tl.constexpr,
+                   CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr, QUANT: tl.constexpr,
+                   QBLOCK: tl.constexpr):
     p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD)
-    sq = tl.load(sq_ptr + offs, mask=mask) * alpha + (1.0 - alpha) * (g * g)
-    tl.store(sq_ptr + offs, sq, mask=mask)
+    sq = load_state(sq_ptr, sqa_ptr, offs, mask, q, False, QUANT, QBLOCK) * alpha + (1.0 - alpha) * (g * g)
+    store_state(sq_ptr, sqa_ptr, sq, offs, mask, q, False, QUANT, QBLOCK)
     if CENTERED:
-        ga = lerp(tl.load(ga_ptr + offs, mask=mask), g, 1.0 - alpha, LERP_LOW)
-        tl.store(ga_ptr + offs, ga, mask=mask)
-        avg = tl.sqrt(sq - ga * ga) + eps
+        ga = lerp(load_state(ga_ptr, gaa_ptr, offs, mask, q, True, QUANT, QBLOCK), g, 1.0 - alpha, LERP_LOW)
+        store_state(ga_ptr, gaa_ptr, ga, offs, mask, q, True, QUANT, QBLOCK)
+        var = sq - ga * ga
+        if QUANT:  # rounded moments can leave sq a little below ga^2 (see dist_optim.functional.rmsprop)
+            var = tl.where(var < 0.0, 0.0, var)  # NaN stays NaN, as torch's clamp_min keeps it
+        avg = tl.sqrt(var) + eps
     else:
         avg = tl.sqrt(sq) + eps
     if HAS_MOMENTUM:
-        mb = tl.load(mb_ptr + offs, mask=mask) * momentum + g / avg
-        tl.store(mb_ptr + offs, mb, mask=mask)
+        mb = load_state(mb_ptr, mba_ptr, offs, mask, q, True, QUANT, QBLOCK) * momentum + g / avg
+        store_state(mb_ptr, mba_ptr, mb, offs, mask, q, True, QUANT, QBLOCK)
         p = p + (-lr) * mb
     else:
         p = p + (-lr) * (g / avg)
@@ -32,11 +37,18 @@ def _rmsprop_block(p_ptr, g_ptr, sq_ptr, ga_ptr, mb_ptr, offs, mask, lr, alpha, 
 
 
 @triton.jit
-def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, SKIP, lr, alpha, eps, weight_decay, momentum, grad_scale,
+def _rmsprop_kernel(P, G, SQ, GA, MB, SQA, GAA, MBA, CHUNKS, SKIP, SCODE, STHR, UCODE, UTHR, lr, alpha, eps,
+                    weight_decay, momentum, grad_scale,
                     P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
                     HAS_WD: tl.constexpr, CENTERED: tl.constexpr, HAS_MOMENTUM: tl.constexpr, LERP_LOW: tl.constexpr,
-                    HAS_SKIP: tl.constexpr):
+                    HAS_SKIP: tl.constexpr, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
+    # QUANT: square_avg (unsigned map), grad_avg and momentum_buffer (signed) are int8 codes with
+    # per-block absmax (SQA, GAA, MBA).
     t, start, end, fast = chunk_of(CHUNKS, SKIP, HAS_SKIP)
+    S_DTYPE: tl.constexpr = tl.uint8 if QUANT else tl.float32
+    sqa = absmax_base(SQA, t, start, QBLOCK, QUANT)
+    gaa = absmax_base(GAA, t, start, QBLOCK, QUANT)
+    mba = absmax_base(MBA, t, start, QBLOCK, QUANT)
     lr = scalar(lr)
     alpha = scalar(alpha)
     eps = scalar(eps)
@@ -45,27 +57,32 @@ def _rmsprop_kernel(P, G, SQ, GA, MB, CHUNKS, SKIP, lr, alpha, eps, weight_decay
     grad_scale = scalar(grad_scale)
     if fast:
         p, g = aligned_base(P, t, start, P_DTYPE), aligned_base(G, t, start, G_DTYPE)
-        sq, ga = aligned_base(SQ, t, start, tl.float32), aligned_base(GA, t, start, tl.float32)
-        mb = aligned_base(MB, t, start, tl.float32)
+        sq, ga = aligned_base(SQ, t, start, S_DTYPE), aligned_base(GA, t, start, S_DTYPE)
+        mb = aligned_base(MB, t, start, S_DTYPE)
         for off in range(0, CHUNK, BLOCK):
-            _rmsprop_block(p, g, sq, ga, mb, off + tl.arange(0, BLOCK), None, lr, alpha, eps, weight_decay, momentum,
-                           grad_scale, P_DTYPE, HAS_WD, CENTERED, HAS_MOMENTUM, LERP_LOW)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _rmsprop_block(p, g, sq, ga, mb, sqa, gaa, mba, q, off + tl.arange(0, BLOCK), None, lr, alpha, eps,
+                           weight_decay, momentum, grad_scale, P_DTYPE, HAS_WD, CENTERED, HAS_MOMENTUM, LERP_LOW, QUANT,
+                           QBLOCK)
     else:
         p, g = chunk_base(P, t, start, P_DTYPE), chunk_base(G, t, start, G_DTYPE)
-        sq, ga = chunk_base(SQ, t, start, tl.float32), chunk_base(GA, t, start, tl.float32)
-        mb = chunk_base(MB, t, start, tl.float32)
+        sq, ga = chunk_base(SQ, t, start, S_DTYPE), chunk_base(GA, t, start, S_DTYPE)
+        mb = chunk_base(MB, t, start, S_DTYPE)
         for off in range(0, CHUNK, BLOCK):
             offs = off + tl.arange(0, BLOCK)
-            _rmsprop_block(p, g, sq, ga, mb, offs, offs < end - start, lr, alpha, eps, weight_decay, momentum,
-                           grad_scale, P_DTYPE, HAS_WD, CENTERED, HAS_MOMENTUM, LERP_LOW)
+            q = quant_tile(off, end - start, SCODE, STHR, UCODE, UTHR, BLOCK, QBLOCK, QUANT)
+            _rmsprop_block(p, g, sq, ga, mb, sqa, gaa, mba, q, offs, offs < end - start, lr, alpha, eps,
+                           weight_decay, momentum, grad_scale, P_DTYPE, HAS_WD, CENTERED, HAS_MOMENTUM, LERP_LOW, QUANT,
+                           QBLOCK)
 
 
 def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale,
                  compile_only: bool = False, skip=None) -> None:
     has_momentum = momentum > 0.0
+    keys = ["square_avg", "grad_avg" if centered else None, "momentum_buffer" if has_momentum else None]
     _multi_tensor.launch(
-        _rmsprop_kernel, params, grads,
-        [states["square_avg"], states["grad_avg"] if centered else None, states["momentum_buffer"] if has_momentum else None],
+        _rmsprop_kernel, params, grads, [states[k] if k else None for k in keys],
         [lr, alpha, eps, weight_decay, momentum, grad_scale], compile_only, skip,
+        absmax=_multi_tensor.absmax_roles(states, keys),
         HAS_WD=weight_decay != 0.0, CENTERED=bool(centered), HAS_MOMENTUM=has_momentum, LERP_LOW=(1.0 - alpha) < 0.5,
     )

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Step, Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 STATE_KEYS = ("step", "sum")
 
@@ -55,6 +55,7 @@ def adagrad_step(
             params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale
         )
         return
+    states, requantize = dequantized(params, states)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:
@@ -66,3 +67,5 @@ def adagrad_step(
     numerator = torch._foreach_mul(g, -clr)
     torch._foreach_addcdiv_(p32, numerator, std)
     write_back(params, p32)
+    if requantize is not None:
+        requantize()

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 
 def rmsprop_state_keys(momentum: float, centered: bool) -> tuple[str, ...]:
@@ -57,6 +57,7 @@ def rmsprop_step(
         kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale)
         return
     lr = host_number(lr)
+    states, requantize = dequantized(params, states)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:
@@ -68,6 +69,10 @@ def rmsprop_step(
         grad_avgs = list(states["grad_avg"])
         torch._foreach_lerp_(grad_avgs, g, 1.0 - alpha)
         avg = torch._foreach_addcmul(square_avgs, grad_avgs, grad_avgs, value=-1.0)
+        if requantize is not None:
+            # sq >= ga^2 holds for exact moments, not for rounded ones: with int8 state a
+            # low-variance element can come out slightly negative, whose sqrt would be NaN
+            torch._foreach_clamp_min_(avg, 0.0)
         torch._foreach_sqrt_(avg)
     else:
         avg = torch._foreach_sqrt(square_avgs)
@@ -80,3 +85,5 @@ def rmsprop_step(
     else:
         torch._foreach_addcdiv_(p32, g, avg, value=-lr)
     write_back(params, p32)
+    if requantize is not None:
+        requantize()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from ._common import Tensors, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
 
 STATE_KEYS_MOMENTUM = ("momentum_buffer",)
 
@@ -50,6 +50,7 @@ def sgd_step(
         kernels.sgd_step(params, grads, states, **hyper, grad_scale=grad_scale)
         return
     lr = host_number(lr)
+    states, requantize = dequantized(params, states)
     p32 = fp32_views(params)
     g = scaled_grads(grads, grad_scale)
     if weight_decay != 0.0:
@@ -67,3 +68,5 @@ def sgd_step(
             g = bufs
     torch._foreach_add_(p32, g, alpha=-lr)
     write_back(params, p32)
+    if requantize is not None:
+        requantize()

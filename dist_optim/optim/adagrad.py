@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _checks
-from ..distributed.shard import new_state_like
 from ..functional import adagrad_step
 from .base import FusedOptimizer
 
@@ -37,6 +36,7 @@ class Adagrad(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
@@ -44,7 +44,7 @@ class Adagrad(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable
+            capturable=capturable, state_dtype=state_dtype,
         )
 
     def _check_group(self, group):
@@ -58,12 +58,13 @@ class Adagrad(FusedOptimizer):
         return [_KEYS]
 
     def _init_state(self, param, group):
-        return {"step": self._new_counter(param), "sum": new_state_like(param, fill=group["initial_accumulator_value"])}
+        return {"step": self._new_counter(param), **self._new_moment(param, "sum", fill=group["initial_accumulator_value"])}
 
     def _update_group(self, group, params, grads, grad_scale, skip):
-        for ps, gs, states, t in self._step_buckets(group, params, grads, ("sum",), skip):
-            adagrad_step(
-                ps, gs, states, lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                eps=group["eps"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
-            )
+        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "sum"):
+            for ps, gs, states, t in self._step_buckets(group, qps, qgs, self._with_absmax(("sum",), quantized), skip):
+                adagrad_step(
+                    ps, gs, states, lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
+                    eps=group["eps"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
+                )
 

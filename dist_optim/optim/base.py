@@ -37,7 +37,7 @@ from ..distributed.shard import is_dtensor, local_tensor, local_tensors, new_sta
 from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
 from ..state import quantizes
-from ..state.layout import absmax_key, check_state_dtype, zero_state
+from ..state.layout import absmax_key, check_state_dtype, quantize_state, zero_state
 from ..state.report import MemoryReport, memory_report
 from . import _state_dict
 
@@ -325,14 +325,17 @@ class FusedOptimizer(Optimizer):
         count, so every rank and every shard layout decides alike; a ZeRO partition's own count)."""
         return self.state_dtype == "int8" and quantizes(param.numel())
 
-    def _new_moment(self, param: torch.Tensor, key: str) -> dict[str, torch.Tensor]:
-        """A zero moment for ``param``: fp32 like the param, or int8 codes and absmax over the local
-        shard (plain tensors: their blocks are laid out over this rank's shard, so they are not
+    def _new_moment(self, param: torch.Tensor, key: str, fill: float = 0.0) -> dict[str, torch.Tensor]:
+        """A moment of ``fill`` for ``param``: fp32 like the param, or int8 codes and absmax over the
+        local shard (plain tensors: their blocks are laid out over this rank's shard, so they are not
         slices of one global tensor; checkpoints hold the fp32 form, see ``state_dict``)."""
         if self._quantizes(param):
             local = local_tensor(param)
-            return zero_state(local.numel(), key, local.device)
-        return {key: new_state_like(param)}
+            if fill == 0.0:
+                return zero_state(local.numel(), key, local.device)
+            codes, absmax = quantize_state(torch.full((local.numel(),), float(fill), device=local.device), key)
+            return {key: codes, absmax_key(key): absmax}
+        return {key: new_state_like(param, fill=fill)}
 
     def _by_state_dtype(self, group, params, grads, key: str):
         """(params, grads, quantized) for the params with fp32 and with int8 moments (``key``: a
@@ -391,15 +394,18 @@ class FusedOptimizer(Optimizer):
             return grad_scale
         sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
         bad = bool(flag > 0) or not bool(torch.isfinite(sumsq))
-        norm = sumsq.sqrt() * grad_scale
+        # fp32 throughout, grad_scale as an fp32 value: the arithmetic step_control does on the
+        # device (a Python float would make torch multiply in double on a CPU tensor), and
+        # torch.nn.utils.clip_grad_norm_'s coefficient.
+        scale32 = torch.tensor(grad_scale, dtype=torch.float32)
+        norm = sumsq.sqrt() * scale32
         self._last_norm = float(norm)
         if bad and self.nonfinite == "skip":
             return None
         if self.max_grad_norm is None:
             return grad_scale
-        # fp32, as torch.nn.utils.clip_grad_norm_ computes it.
         coef = torch.clamp(self.max_grad_norm / (norm + CLIP_EPS), max=1.0)
-        return float(coef) * grad_scale
+        return float(coef * scale32)
 
     def _refuse_unknown_shards(self, work, grads: Sequence[torch.Tensor]) -> None:
         """Plain params we were not given, with several ranks and no group, are some wrapper's

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _checks
-from ..distributed.shard import new_state_like
 from ..functional import rmsprop_step
 from ..functional.rmsprop import rmsprop_state_keys
 from .base import FusedOptimizer
@@ -39,13 +38,14 @@ class RMSprop(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable
+            capturable=capturable, state_dtype=state_dtype,
         )
 
     def _check_group(self, group):
@@ -60,14 +60,18 @@ class RMSprop(FusedOptimizer):
 
     def _init_state(self, param, group):
         keys = rmsprop_state_keys(group["momentum"], group["centered"])
-        return {"step": self._new_counter(param), **{k: new_state_like(param) for k in keys if k != "step"}}
+        state = {"step": self._new_counter(param)}
+        for k in keys[1:]:
+            state.update(self._new_moment(param, k))
+        return state
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         keys = rmsprop_state_keys(group["momentum"], group["centered"])[1:]
         # RMSprop's update does not depend on t; the count is kept for torch.optim compatibility.
-        for ps, gs, states, _ in self._step_buckets(group, params, grads, keys, skip):
-            rmsprop_step(
-                ps, gs, states, lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
-                weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-                grad_scale=grad_scale, skip=skip, backend=self.backend,
-            )
+        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "square_avg"):
+            for ps, gs, states, _ in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized), skip):
+                rmsprop_step(
+                    ps, gs, states, lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
+                    weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
+                    grad_scale=grad_scale, skip=skip, backend=self.backend,
+                )

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _checks
-from ..distributed.shard import new_state_like
 from ..functional import sgd_step
+from ..state.layout import absmax_key
 from .base import FusedOptimizer
 
 _MOMENTUM_KEYS = frozenset({"momentum_buffer"})
@@ -39,13 +39,14 @@ class SGD(FusedOptimizer):
         backend: str = "auto",
         process_group: Any = None,
         capturable: bool = False,
+        state_dtype: str = "fp32",
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable
+            capturable=capturable, state_dtype=state_dtype,
         )
 
     def _check_group(self, group):
@@ -63,7 +64,7 @@ class SGD(FusedOptimizer):
         return [_MOMENTUM_KEYS] if group["momentum"] != 0 else []
 
     def _init_state(self, param, group):
-        return {"momentum_buffer": new_state_like(param)} if group["momentum"] != 0 else {}
+        return self._new_moment(param, "momentum_buffer") if group["momentum"] != 0 else {}
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         hyper = dict(
@@ -80,13 +81,14 @@ class SGD(FusedOptimizer):
         # running buffers go in separate calls.
         fresh = ["momentum_buffer" not in self.state[p] for p in params]
         states = self._states_for(group, params)
-        for first in (True, False):
-            idx = [i for i, f in enumerate(fresh) if f is first]
+        quantized = [absmax_key("momentum_buffer") in s for s in states]
+        for first, quant in ((True, False), (False, False), (True, True), (False, True)):
+            idx = [i for i, (f, q) in enumerate(zip(fresh, quantized)) if f is first and q is quant]
             if idx:
                 sgd_step(
                     self._locals(params[i] for i in idx),
                     self._locals(grads[i] for i in idx),
-                    self._states_of([states[i] for i in idx], _MOMENTUM_KEYS),
+                    self._states_of([states[i] for i in idx], self._with_absmax(("momentum_buffer",), quant)),
                     first_step=first,
                     **hyper,
                 )
