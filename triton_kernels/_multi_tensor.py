@@ -102,6 +102,7 @@ class TableCache:
     def __init__(self, maxsize: int = 128):
         self.maxsize = maxsize
         self._tables: OrderedDict = OrderedDict()
+        self._pinned: set = set()  # keys a captured CUDA graph reads: never evicted
         self.builds = 0  # tables built so far (tests count them)
 
     def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
@@ -125,8 +126,8 @@ class TableCache:
         aligned = [all(p[j] % ALIGN == 0 for p in filled[:elementwise]) for j in range(len(idx))]
         rows = chunk_rows(numels, aligned)
         return self._store(key, (
-            [torch.tensor(p, dtype=torch.int64, device=device) for p in filled],
-            torch.tensor(rows, dtype=torch.int64, device=device),
+            [device_table(p, device) for p in filled],
+            device_table(rows, device),
             len(rows) // CHUNK_ROW,
         ))
 
@@ -141,20 +142,43 @@ class TableCache:
             return hit
         if validate is not None:
             validate()
-        return self._store(key, torch.tensor(key[2] or (0,), dtype=torch.int64, device=device))
+        return self._store(key, device_table(key[2] or (0,), device))
 
     def _lookup(self, key):
         hit = self._tables.get(key)
         if hit is not None:
             self._tables.move_to_end(key)
+            if capturing():
+                self._pinned.add(key)
         return hit
 
     def _store(self, key, built):
         self.builds += 1
         self._tables[key] = built
+        if capturing():
+            self._pinned.add(key)
         if len(self._tables) > self.maxsize:
-            self._tables.popitem(last=False)
+            # The oldest entry no CUDA graph reads: a captured graph holds the tables' addresses,
+            # so an entry looked up during a capture stays for the life of the process.
+            old = next((k for k in self._tables if k not in self._pinned), None)
+            if old is not None:
+                del self._tables[old]
         return built
+
+
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device``. On CUDA it goes through pinned memory with a non-blocking
+    copy: a pageable copy would wait for the stream, a host sync on the step that builds a table
+    (the pinned block is not reused before the copy has run: torch's host allocator records it)."""
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 # Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use — ZeRO-3
@@ -271,7 +295,6 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     qblock = quant_block() if absmax is not None else 0
 
     def validate() -> None:
-        check("grads", params, grads, fp32=False)
         for i, s in enumerate(states):
             if s is None:
                 continue
@@ -289,6 +312,10 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     roles = [params, grads, *states, *(absmax or ()), *counters.values()]
     if any(role is not None and len(role) != len(params) for role in roles):  # tables pair them by index
         validate()
+    # Grads are checked on every call: a new grad may sit at a cached grad's address with another
+    # layout (a transposed view), which the table key cannot see. States and counters are ours and
+    # keep their storage; they are checked when a table is built.
+    check("grads", params, grads, fp32=False)
     elementwise = 2 + len(states)
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
         ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)

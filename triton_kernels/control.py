@@ -4,7 +4,8 @@ gradient), the gradient norm, the count of skipped steps, and every step counter
 the step is skipped. The update kernels then read ``control[0:1]`` as grad_scale and
 ``control[1:2]`` as skip: a step with clipping, skipping and per-tensor step counts and no host sync.
 
-The arithmetic is the host's (dist_optim.optim.base): norm = sqrt(sumsq) * grad_scale, and
+The arithmetic is the host's (dist_optim.optim.base), all in fp32 with grad_scale taken as an fp32
+value: norm = sqrt(sumsq) * grad_scale, and
 torch.nn.utils.clip_grad_norm_'s coefficient, max_norm / (norm + 1e-6) as torch evaluates a
 float over a tensor (reciprocal, then product), clamped to 1 (NaN stays NaN), all fp32. The kernel
 is compiled without FP contraction, so that no multiply-add fuses into an FMA the host does not do.
@@ -12,6 +13,7 @@ is compiled without FP contraction, so that no multiply-add fuses into an FMA th
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 
 import torch
@@ -51,9 +53,10 @@ def _decide(CONTROL, STATS, gs, max_grad_norm, CLIP: tl.constexpr, SKIP_NONFINIT
 def _step_control_kernel(CONTROL, STATS, COUNTERS, n_counters, grad_scale, max_grad_norm,
                          HAS_STATS: tl.constexpr, CLIP: tl.constexpr, SKIP_NONFINITE: tl.constexpr,
                          BLOCK: tl.constexpr):
-    gs = scalar(grad_scale)
+    # fp32 as on a GPU: the interpreter would otherwise carry float arguments as fp64.
+    gs = scalar(grad_scale).to(tl.float32)
     if HAS_STATS:
-        scale, skip = _decide(CONTROL, STATS, gs, scalar(max_grad_norm), CLIP, SKIP_NONFINITE)
+        scale, skip = _decide(CONTROL, STATS, gs, scalar(max_grad_norm).to(tl.float32), CLIP, SKIP_NONFINITE)
     else:
         scale, skip = gs, tl.full([], 0, tl.int1)
     tl.store(CONTROL, scale)
@@ -64,6 +67,12 @@ def _step_control_kernel(CONTROL, STATS, COUNTERS, n_counters, grad_scale, max_g
         mask = i < n_counters
         counter = tl.load(COUNTERS + i, mask=mask, other=0).to(tl.pointer_type(tl.float32))
         tl.store(counter, tl.load(counter, mask=mask) + advance, mask=mask)
+
+
+def as_fp32(value):
+    """A float rounded to the nearest fp32 value (a GPU launch passes float arguments as fp32; the
+    interpreter would carry the double and truncate it in the kernel's casts); tensors unchanged."""
+    return value if isinstance(value, torch.Tensor) else struct.unpack("f", struct.pack("f", float(value)))[0]
 
 
 def check_control(control) -> None:
@@ -100,8 +109,8 @@ def step_control(control: torch.Tensor, *, stats: torch.Tensor | None = None, gr
     )
     _launch.run(
         _step_control_kernel, (1,), device, control, control if stats is None else stats, table, len(counters),
-        _multi_tensor.device_scalar("grad_scale", grad_scale, device),
-        0.0 if max_grad_norm is None else float(max_grad_norm),
+        _multi_tensor.device_scalar("grad_scale", as_fp32(grad_scale), device),
+        0.0 if max_grad_norm is None else as_fp32(max_grad_norm),
         HAS_STATS=stats is not None, CLIP=max_grad_norm is not None, SKIP_NONFINITE=bool(skip_nonfinite),
         BLOCK=_multi_tensor.BLOCK, num_warps=_multi_tensor.NUM_WARPS, enable_fp_fusion=False,
     )

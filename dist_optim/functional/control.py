@@ -34,6 +34,8 @@ def step_control(
         kernels.step_control(control, stats=stats, grad_scale=grad_scale, max_grad_norm=max_grad_norm,
                              skip_nonfinite=skip_nonfinite, counters=counters)
         return
+    # grad_scale as an fp32 value, all arithmetic fp32 (the kernel's; a Python float would make torch
+    # multiply in double on a CPU tensor).
     scale = grad_scale if isinstance(grad_scale, torch.Tensor) else torch.tensor(grad_scale, dtype=torch.float32)
     scale = scale.to(control.device).reshape(())
     if stats is None:
