@@ -96,6 +96,9 @@ class FusedOptimizer(Optimizer):
         # steps skipped on the device.
         self._controls: dict[torch.device, torch.Tensor] = {}
         self._device_flow_warmed = False
+        # Params whose state compile_kernels() built and no step has used yet: their first step takes
+        # the host flow, which knows a fresh state from a running one (SGD's first momentum step).
+        self._prebuilt: set[int] = set()
 
     # --- what subclasses define -------------------------------------------------------------
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -169,10 +172,37 @@ class FusedOptimizer(Optimizer):
         work = self._collect_grads()
         device = self._flow_device(work)
         for group, params, _ in work:
+            blocks = self._state_key_blocks(group)
+            self._prebuilt.update(id(p) for p in params if blocks and not blocks[-1] <= self.state[p].keys())
             self._states_for(group, params)
             self._prepare_device_state(group, params)
         if device is not None:
+            self._control(device)
             self._warm_device_flow(work, device)
+            self._warm_host_flow(work)
+
+    def _warm_host_flow(self, work) -> None:
+        """Compile the updates of the first step after compile_kernels() (a host-flow step, see
+        ``_prebuilt``) without running them; the host flow advances counters as it goes, so they
+        are put back."""
+        counters = [v for _, params, _ in work for p in params for k, v in self.state[p].items()
+                    if k in _state_dict.COUNTER_KEYS]
+        saved = [c.clone() for c in counters]
+        with compiling():
+            for group, params, grads in work:
+                self._update_group(group, params, grads, 1.0, None)
+        for c, value in zip(counters, saved):
+            c.copy_(value)
+
+    @torch.no_grad()
+    def warm_step(self, counters: Sequence[torch.Tensor]) -> None:
+        """Compile (and table) a device-flow step on the current grads that also advances
+        ``counters`` (a wrapper's, e.g. Lookahead's), without running it."""
+        work = self._collect_grads()
+        device = self._flow_device(work)
+        if device is not None and self._device_plan(work) is not None:
+            self._control(device)
+            self._warm_device_flow(work, device, counters)
 
     def memory_report(self) -> "MemoryReport":
         """Bytes of optimizer state on this rank: ``total``, ``int8`` (codes and absmax), ``fp32``
@@ -221,8 +251,14 @@ class FusedOptimizer(Optimizer):
             self._update_group(group, params, grads, -scale if group.get("maximize") else scale, None)
         for c in counters:
             c += 1
-        if device is not None and not self._device_flow_warmed:
-            self._warm_device_flow(work, device)
+        if self._prebuilt:
+            self._prebuilt.difference_update(id(p) for _, params, _ in work for p in params)
+        if device is not None:
+            # What a CUDA graph captured at the next step must find made: its control vector and
+            # its compiled kernels and tables.
+            self._control(device)
+            if not self._device_flow_warmed:
+                self._warm_device_flow(work, device, counters)
         return loss, False
 
     def _device_step(self, work, device: torch.device, grad_scale, counters: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -242,7 +278,7 @@ class FusedOptimizer(Optimizer):
             self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale, skip)
         return control
 
-    def _warm_device_flow(self, work, device: torch.device) -> None:
+    def _warm_device_flow(self, work, device: torch.device, counters: Sequence[torch.Tensor] = ()) -> None:
         """Compile the device flow's kernels without running them (its launches take device
         scalars and counter tables, other specializations than the host flow's)."""
         control = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
@@ -253,7 +289,8 @@ class FusedOptimizer(Optimizer):
                 stats = torch.zeros(2, dtype=torch.float32, device=device)
             step_control(
                 control[:_NEG_SCALE], stats=stats, grad_scale=1.0, max_grad_norm=self.max_grad_norm,
-                skip_nonfinite=self.nonfinite == "skip", counters=self._device_plan(work) or [], backend=self.backend,
+                skip_nonfinite=self.nonfinite == "skip", counters=[*(self._device_plan(work) or ()), *counters],
+                backend=self.backend,
             )
             for group, params, grads in work:
                 self._update_group(group, params, grads, control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1])
@@ -301,6 +338,8 @@ class FusedOptimizer(Optimizer):
         some param stepped lacks state (the step then takes the host flow). One pass over the
         states: a lookup is a Python-level tensor hash."""
         counters, lookup = [], self.state.__getitem__
+        if self._prebuilt and any(id(p) in self._prebuilt for _, params, _ in work for p in params):
+            return None
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()

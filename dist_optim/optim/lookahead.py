@@ -147,7 +147,9 @@ class Lookahead(Optimizer):
         self._warm_sync(synced)
 
     def _warm_sync(self, synced) -> None:
-        """Compile the device flow's sync (counters read on the device) without running it."""
+        """Compile the device flow's sync (counters read on the device) and the step that advances
+        the Lookahead counters with the wrapped optimizer's, without running them."""
+        self.optimizer.warm_step([self.state[p]["lookahead_step"] for p in synced])
         control = self.optimizer.warm_control(synced)
         if control is not None:
             with compiling():

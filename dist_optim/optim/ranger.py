@@ -114,8 +114,8 @@ class Ranger(RAdam):
                 backend=self.backend,
             )
 
-    def _warm_device_flow(self, work, device):
-        super()._warm_device_flow(work, device)
+    def _warm_device_flow(self, work, device, counters=()):
+        super()._warm_device_flow(work, device, counters)
         skip = torch.zeros(1, dtype=torch.float32, device=device)
         with compiling():  # the sync of members without a gradient, whenever that first happens
             for group in self.param_groups:

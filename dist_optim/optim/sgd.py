@@ -79,7 +79,7 @@ class SGD(FusedOptimizer):
             return
         # A fresh momentum buffer takes the first gradient as it is (torch.optim.SGD), so fresh and
         # running buffers go in separate calls.
-        fresh = ["momentum_buffer" not in self.state[p] for p in params]
+        fresh = ["momentum_buffer" not in self.state[p] or id(p) in self._prebuilt for p in params]
         states = self._states_for(group, params)
         quantized = [absmax_key("momentum_buffer") in s for s in states]
         for first, quant in ((True, False), (False, False), (True, True), (False, True)):

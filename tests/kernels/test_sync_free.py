@@ -47,14 +47,15 @@ def test_steady_state_step_reads_nothing_on_the_host_and_builds_no_table(name):
                 grads[id(p)].copy_(p.grad)
                 p.grad = grads[id(p)]
 
+    opt.step()  # the first step after compile_kernels() takes the host flow, with real kernels
     launches, counts = Counter(), Counter()
     with stubbed_launches(launches):
-        for step in range(3):  # one cycle of the None pattern caches the tables of both param sets
+        for step in range(1, 4):  # one cycle of the None pattern caches the tables of both param sets
             step_in_place(step)
             opt.step()
         builds = triton_kernels._multi_tensor.TABLES.builds
         launches.clear()
-        for step in range(3, 6):
+        for step in range(4, 7):
             step_in_place(step)
             with counting_host_reads(counts):
                 opt.step()
@@ -154,6 +155,42 @@ def test_capturable_refuses_what_it_cannot_capture():
         opt.step()
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_after_one_step_a_step_allocates_no_control_and_builds_no_table(name):
+    """What capturing the second step in a CUDA graph needs: the first (host-flow) step leaves the
+    control vector made and every table of the device flow built, Lookahead's counters included."""
+    from dist_optim.optim import fused_core
+
+    params = make_params(torch.bfloat16)
+    for p in params:  # every trainable param has a grad on both steps, as in a captured loop
+        if p.requires_grad:
+            p.grad = torch.randn_like(p)
+    opt = CONFIGS[name](params, backend="triton", max_grad_norm=1.0)
+    opt.step()
+    builds, controls = triton_kernels._multi_tensor.TABLES.builds, dict(fused_core(opt)._controls)
+    opt.step()
+    assert triton_kernels._multi_tensor.TABLES.builds == builds
+    assert fused_core(opt)._controls.keys() == controls.keys() and controls
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_compile_kernels_keeps_sgds_first_momentum_step(wrap):
+    """compile_kernels() builds the momentum buffers at zero; the first step must still take the
+    gradient as the buffer (torch.optim.SGD), which dampening makes visible."""
+    p_ours, p_ref = make_params(), make_params()
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.5)
+    ours = dist_optim.SGD(p_ours, **kw, backend="triton")
+    ours = dist_optim.Lookahead(ours, k=2) if wrap else ours
+    ref = dist_optim.SGD(p_ref, **kw, backend="torch")
+    ref = dist_optim.Lookahead(ref, k=2) if wrap else ref
+    set_grads(p_ours, 0)
+    ours.compile_kernels()
+    run(ours, p_ours, 0, 4)
+    run(ref, p_ref, 0, 4)
+    for a, b in zip(p_ours, p_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 def test_skipped_first_step_builds_no_state_on_the_triton_backend():
     params = make_params()
     opt = dist_optim.Ranger(params, backend="triton")
@@ -199,14 +236,15 @@ def test_cuda_graph_replay_equals_eager_steps(name):
     graph_params, graphed = build()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
-        for step in range(2):
-            load_grads(graph_params, step)
-            graphed.step()
+    with torch.cuda.stream(side):  # one warm-up step off the capture stream, as torch.cuda.graphs asks
+        load_grads(graph_params, 0)
+        graphed.step()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
+    load_grads(graph_params, 1)
     with torch.cuda.graph(graph):
         graphed.step()
+    graph.replay()
     for step in range(2, 8):
         load_grads(graph_params, step)
         graph.replay()
