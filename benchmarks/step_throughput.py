@@ -8,6 +8,13 @@ Each size is the total number of fp32 params, split over a few tensors of uneven
 model. Reported: median step time, GB/s (bytes one step must move / time), and ratios to torch.optim
 foreach measured in the same run.
 
+On CUDA (default 64M, 256M and 1B params) every optimizer runs on the Triton kernels without a
+check pass, with the default non-finite skip, with clipping, and with clipping captured in a CUDA
+graph (``capturable=True``) and replayed, beside torch.optim foreach and fused; the table gives each
+one's bytes per param, its share of the device-to-device copy's bandwidth, and AdamW's ratio to
+torch's fused AdamW. Implementations run one after another on fresh params (1B fp32 AdamW params
+with their state take 16 GB each).
+
 On CPU (``--device cpu``, default 32M params) the table is the CPU-step comparison of issue 11:
 contenders torch.optim foreach and fused, a ``torch.compile``d per-tensor AdamW (step-dependent
 scalars as 0-dim tensors, compiled once per tensor layout), DeepSpeedCPUAdam where its JIT build
@@ -27,6 +34,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -80,51 +88,91 @@ def time_interleaved(steps: dict, device: torch.device, repeats: int, warmup: in
     return {label: statistics.median(t) for label, t in times.items()}
 
 
+def graphed(opt) -> Callable[[], None]:
+    """``opt.step`` captured in a CUDA graph (after one eager warm-up step off the capture stream,
+    as torch.cuda.graphs asks); the returned callable replays it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    return graph.replay
+
+
 def variants(name: str, device: torch.device):
-    """(label, factory(params) -> step callable) for every implementation worth timing."""
+    """(label, factory(params) -> step callable, grads read again by a check pass) for every
+    implementation worth timing."""
     kw = BENCH_KWARGS[name]
     ours = getattr(dist_optim, name)
     baseline = BASELINES[name][0]
-    out = [("dist_optim[torch]", lambda ps: ours(ps, **kw, backend="torch", nonfinite="apply").step)]
+    out = [("dist_optim[torch]", lambda ps: ours(ps, **kw, backend="torch", nonfinite="apply").step, False)]
     if device.type == "cuda":
-        out.append(("dist_optim[triton]", lambda ps: ours(ps, **kw, backend="triton", nonfinite="apply").step))
-        out.append(("dist_optim[triton]+skip-check", lambda ps: ours(ps, **kw, backend="triton").step))
+        out += [
+            ("dist_optim[triton]", lambda ps: ours(ps, **kw, backend="triton", nonfinite="apply").step, False),
+            ("dist_optim[triton]+skip-check", lambda ps: ours(ps, **kw, backend="triton").step, True),
+            ("dist_optim[triton]+clip", lambda ps: ours(ps, **kw, backend="triton", max_grad_norm=1.0).step, True),
+            ("dist_optim[triton]+clip, graph",
+             lambda ps: graphed(ours(ps, **kw, backend="triton", max_grad_norm=1.0, capturable=True)), True),
+        ]
     if baseline is not None:
         torch_kw = {k: v for k, v in kw.items()}
-        out.append(("torch.optim foreach", lambda ps: baseline(ps, **torch_kw, foreach=True).step))
+        out.append(("torch.optim foreach", lambda ps: baseline(ps, **torch_kw, foreach=True).step, False))
         if "fused" in baseline.__init__.__code__.co_varnames and (device.type == "cuda" or name in ("Adam", "AdamW", "SGD", "Adagrad")):
-            out.append(("torch.optim fused", lambda ps: baseline(ps, **torch_kw, fused=True).step))
+            out.append(("torch.optim fused", lambda ps: baseline(ps, **torch_kw, fused=True).step, False))
     return out
 
 
+def time_one(factory, numel: int, device: torch.device, repeats: int) -> float:
+    """Median step time of one implementation on fresh params, freed afterwards: at 1B params
+    each contender holds 16 GB, too many to keep side by side as the interleaved timing does."""
+    step = factory(make_params(numel, device))
+    secs = time_interleaved({"one": step}, device, repeats)["one"]
+    del step
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return secs
+
+
 def run(sizes: list[int], repeats: int, device: torch.device, names: list[str]) -> dict:
+    """Per size: the device copy, then each optimizer's implementations one after another (on a
+    GPU a copy's and a step's time drift little between them; memory forbids side by side)."""
     rows = []
     for numel in sizes:
         src = torch.empty(numel, device=device)
         dst = torch.empty_like(src)
         copy_s = time_interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
         copy_gbs = 2 * 4 * numel / copy_s / 1e9
-        rows.append(dict(optimizer="copy", impl="device-to-device copy", numel=numel, ms=1e3 * copy_s, gbs=copy_gbs))
+        del src, dst
+        rows.append(dict(optimizer="copy", impl="device-to-device copy", numel=numel, ms=1e3 * copy_s, gbs=copy_gbs,
+                         bytes_per_param=8))
+        fused_adamw = None
         for name in names:
             _, reads, writes = BASELINES[name]
-            steps = {}
-            for label, factory in variants(name, device):
+            results = {}
+            for label, factory, check_pass in variants(name, device):
                 try:
-                    steps[label] = factory(make_params(numel, device))
+                    results[label] = (time_one(factory, numel, device, repeats), check_pass)
                 except (RuntimeError, TypeError, ValueError) as err:  # e.g. a fused impl missing on this device
                     print(f"  skip {name} {label}: {err}")
-            results = time_interleaved(steps, device, repeats)
-            del steps
-            ref = results.get("torch.optim foreach")
-            for label, secs in results.items():
-                gbs = (reads + writes) * 4 * numel / secs / 1e9
+            ref = results.get("torch.optim foreach", (None,))[0]
+            for label, (secs, check_pass) in results.items():
+                moved = (reads + writes) * 4 + (4 if check_pass else 0)  # the check pass reads the fp32 grads
+                gbs = moved * numel / secs / 1e9
                 rows.append(
                     dict(
-                        optimizer=name, impl=label, numel=numel, ms=1e3 * secs, gbs=gbs,
+                        optimizer=name, impl=label, numel=numel, ms=1e3 * secs, gbs=gbs, bytes_per_param=moved,
                         vs_foreach=None if ref is None else ref / secs, vs_copy=gbs / copy_gbs,
                     )
                 )
-                print(f"{name:8s} {numel:>11,d} {label:30s} {1e3 * secs:9.3f} ms {gbs:8.2f} GB/s")
+                if name == "AdamW" and label == "torch.optim fused":
+                    fused_adamw = gbs
+                print(f"{name:8s} {numel:>13,d} {label:34s} {1e3 * secs:9.3f} ms {gbs:8.1f} GB/s")
+        for row in rows:  # bandwidth against torch's fused AdamW, the usual reference, at this size
+            if row["numel"] == numel and row["optimizer"] != "copy" and fused_adamw is not None:
+                row["of_fused_adamw"] = row["gbs"] / fused_adamw
     return {
         "device": device_name(device),
         "torch": torch.__version__,
@@ -303,26 +351,29 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Optimizer step throughput on {result['device']}",
         "",
-        f"torch {result['torch']}, median of {result['repeats']} steps, implementations timed in turn within each "
-        f"repeat; fp32 params split over {len(SPLIT)} tensors. dist_optim runs with nonfinite='apply' (no check "
-        "pass), as torch.optim does. "
-        "GB/s counts the bytes a step must move (params, grads and state read, params and state written). "
-        "`x foreach` is torch.optim foreach's time divided by this implementation's time (> 1 is faster); "
-        "`of copy` is this GB/s over the device-to-device copy's GB/s in the same run.",
+        f"torch {result['torch']}, median of {result['repeats']} steps per implementation, each on fresh fp32 params "
+        f"split over {len(SPLIT)} tensors and freed before the next. `B/param`: the bytes a step must move per "
+        "param (params, grads and state read, params and state written; the check pass of the non-finite skip "
+        "and of clipping reads the grads once more). GB/s counts those bytes. `x foreach`: torch.optim foreach's "
+        "time over this one (> 1 is faster); `of fused AdamW`: this GB/s over torch.optim's fused AdamW's; "
+        "`of copy`: this GB/s over the device-to-device copy's in the same run. `graph`: the step captured in a "
+        "CUDA graph (capturable=True) and replayed.",
         "",
-        "| optimizer | params | implementation | ms/step | GB/s | x foreach | of copy |",
-        "|---|---:|---|---:|---:|---:|---:|",
+        "| optimizer | params | implementation | B/param | ms/step | GB/s | x foreach | of fused AdamW | of copy |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         vs = "" if r.get("vs_foreach") is None else f"{r['vs_foreach']:.2f}"
+        vs_fused = "" if r.get("of_fused_adamw") is None else f"{100 * r['of_fused_adamw']:.0f}%"
         of_copy = "" if r.get("vs_copy") is None else f"{100 * r['vs_copy']:.0f}%"
-        lines.append(f"| {r['optimizer']} | {r['numel']:,} | {r['impl']} | {r['ms']:.3f} | {r['gbs']:.1f} | {vs} | {of_copy} |")
+        lines.append(f"| {r['optimizer']} | {r['numel']:,} | {r['impl']} | {r.get('bytes_per_param', '')} | "
+                     f"{r['ms']:.3f} | {r['gbs']:.1f} | {vs} | {vs_fused} | {of_copy} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=None, help="comma-separated param counts (default: 32e6 on CPU; 1e6..256e6 on CUDA)")
+    parser.add_argument("--sizes", default=None, help="comma-separated param counts (default: 32e6 on CPU; 64e6,256e6,1e9 on CUDA)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per contender (default 15 on CPU, 7 on CUDA)")
     parser.add_argument("--tensors", type=int, default=20, help="CPU: how many tensors the params are split over")
     parser.add_argument("--threads", default=None, help="CPU: comma-separated thread counts, one table each (default: torch's)")
@@ -331,7 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    default = "32e6" if device.type == "cpu" else "1e6,16e6,64e6,256e6"
+    default = "32e6" if device.type == "cpu" else "64e6,256e6,1e9"
     sizes = [int(float(s)) for s in (args.sizes or default).split(",")]
     names = args.optimizers.split(",")
     unknown = [n for n in names if n not in BASELINES]
