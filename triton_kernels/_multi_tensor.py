@@ -40,6 +40,11 @@ from ._support import interpreting
 GPU_CHUNK, GPU_BLOCK = 16384, 1024
 CHUNK, BLOCK = (256, 64) if interpreting() else (GPU_CHUNK, GPU_BLOCK)
 NUM_WARPS = 4
+# The int8-state variants: each quantized moment adds a binary search (8 table gathers, int64
+# offsets) per element, and at 4 warps over a 1024-element tile some specializations spilled (4-28
+# bytes, sm_80/sm_90); 8 warps halve the elements per thread and compile spill-free, at the cost of
+# 64-bit rather than 128-bit accesses for bf16 params and grads (fp32 keep 128-bit).
+QUANT_NUM_WARPS = 8
 ALIGN = 16  # bytes: one 128-bit access
 CHUNK_ROW = 4  # int64 fields per chunk-table row: tensor index, first element, end element, fast
 
@@ -321,14 +326,15 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
         ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
-        block, extra = BLOCK, {}
+        block, warps, extra = BLOCK, NUM_WARPS, {}
         maps = ()
         if absmax is not None:
             maps = code_tables(device) if quant else (chunks,) * 4  # placeholders the fp32 variant never reads
-            block = max(BLOCK, qblock) if quant else BLOCK
+            if quant:
+                block, warps = max(BLOCK, qblock), QUANT_NUM_WARPS
             extra = dict(QUANT=quant, QBLOCK=qblock)
         _launch.run(
             kernel, (n,), device, *ptrs, chunks, chunks if flag is None else flag, *maps, *values,
             compile_only=compile_only, P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=block,
-            num_warps=NUM_WARPS, HAS_SKIP=has_skip, **extra, **constexprs,
+            num_warps=warps, HAS_SKIP=has_skip, **extra, **constexprs,
         )
