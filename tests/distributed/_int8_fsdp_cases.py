@@ -92,3 +92,75 @@ def run_resume(root: str, then: int):
     assert "exp_avg_absmax" in opt.state[net[0].weight]
     train(net, opt, start, then, world, rank)
     return full_params(net), [p.to_local().detach().clone() for p in net.parameters()]
+
+
+# --- flat partitions (ZeRO-1/2/3 style): each rank steps its own slice of one flat buffer ---------
+
+FLAT = 2 * 8192 + 300  # rank 0: [0, 8192) = 32 whole blocks; rank 1: the rest, ending in a partial block
+
+
+def flat_grad(step: int) -> torch.Tensor:
+    return torch.randn(FLAT, generator=torch.Generator().manual_seed(7000 + step))
+
+
+def flat_start() -> torch.Tensor:
+    return torch.randn(FLAT, generator=torch.Generator().manual_seed(3))
+
+
+def flat_bounds(world: int) -> list[int]:
+    return [0, 8192, FLAT] if world == 2 else [0, FLAT]
+
+
+def train_flat(steps: int, rank: int, world: int, group=None):
+    """The partition of ``rank`` stepped ``steps`` times; returns (partition, its state)."""
+    lo, hi = flat_bounds(world)[rank], flat_bounds(world)[rank + 1]
+    part = flat_start()[lo:hi].clone().requires_grad_()
+    opt = dist_optim.AdamW([part], lr=0.01, backend="torch", state_dtype="int8", process_group=group)
+    for step in range(steps):
+        part.grad = flat_grad(step)[lo:hi].clone()
+        opt.step()
+    return part.detach(), {k: v.clone() for k, v in opt.state[part].items()}
+
+
+def run_flat_partitions(steps: int):
+    return train_flat(steps, dist.get_rank(), dist.get_world_size(), dist.group.WORLD)
+
+
+# --- a param whose shard on rank 1 is empty ------------------------------------------------------
+
+class OneRow(nn.Module):
+    """A (1, 4100) weight: above the min-size rule, one row, so FSDP2 at world 2 leaves rank 1 an
+    empty shard (int8 state of 0 codes and 0 blocks)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(1, 4100, generator=torch.Generator().manual_seed(5)))
+
+    def forward(self, x):
+        return x @ self.w.T
+
+
+def one_row_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(9000 + step)
+    return torch.randn(8, 4100, generator=gen), torch.randn(8, 1, generator=gen)
+
+
+def train_one_row(net, steps: int):
+    opt = optimizer(net.parameters())
+    for step in range(steps):
+        x, y = one_row_batch(step)
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+def run_empty_shard(steps: int):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net = OneRow()
+    fully_shard(net, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    opt = train_one_row(net, steps)
+    s = opt.state[net.w]
+    return net.w.full_tensor().detach().clone(), (s["exp_avg"].numel(), s["exp_avg_absmax"].numel())

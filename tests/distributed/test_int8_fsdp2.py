@@ -1,5 +1,6 @@
 """int8 optimizer state under FSDP2 at world 2 (uneven shards): the run equals one process, and
-DCP checkpoints resume bit-exactly at world 2 and reshard to world 1.
+DCP checkpoints resume bit-exactly at world 2 and reshard to world 1; flat partitions (ZeRO-style,
+plain tensors with a process group) equal the one-process run on the whole buffer bit for bit.
 
 Tolerance against one process: test_fsdp2's rtol 1e-5 / atol 1e-6 (FSDP2 reduces gradients in
 another order, an ulp per step) for all but a few elements. The block layouts agree (see
@@ -58,3 +59,27 @@ def test_dcp_resume_at_world_2_is_bit_exact_and_reshards_to_world_1(world, tmp_p
     cases.train(net, opt, start, 3, WORLD)
     for a, b in zip(uninterrupted[0][0], net.parameters()):
         assert_close_up_to_code_flips(a, b.detach(), steps=3)
+
+
+def test_flat_partitions_equal_one_process_bit_for_bit(world):
+    """Rank 0's partition ends on a block boundary, so each rank's blocks are the one-process
+    blocks: codes, absmax and params are the same bits (the update is element-wise; no clipping)."""
+    results = world.run(cases.run_flat_partitions, 4)
+    whole, state = cases.train_flat(4, 0, 1)
+    bounds = cases.flat_bounds(WORLD)
+    for rank, (part, part_state) in enumerate(results):
+        lo, hi = bounds[rank], bounds[rank + 1]
+        assert torch.equal(part, whole[lo:hi])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(part_state[key], state[key][lo:hi])
+            assert torch.equal(part_state[key + "_absmax"], state[key + "_absmax"][lo // 256: -(-hi // 256)])
+
+
+def test_an_empty_shard_holds_empty_int8_state(world):
+    (w0, layout0), (w1, layout1) = world.run(cases.run_empty_shard, 3)
+    assert layout0 == (4100, 17) and layout1 == (0, 0)
+    net = cases.OneRow()
+    cases.train_one_row(net, 3)
+    # both ranks train on the same batch: FSDP2's average of two equal gradients is the one-process one
+    for w in (w0, w1):
+        assert_close_up_to_code_flips(w, net.w.detach(), steps=3)
