@@ -29,6 +29,7 @@ to the choice past 1024 elements x 4 warps.
 from __future__ import annotations
 
 from collections import OrderedDict, defaultdict
+from operator import attrgetter
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -58,7 +59,17 @@ def tl_dtype(dtype: torch.dtype):
         raise ValueError(f"unsupported dtype {dtype}: params and grads must be fp32, bf16 or fp16") from None
 
 
+_numel, _data_ptr, _is_contiguous = torch.Tensor.numel, torch.Tensor.data_ptr, torch.Tensor.is_contiguous
+_dtype, _device = attrgetter("dtype"), attrgetter("device")
+
+
 def check(name: str, reference: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, fp32: bool) -> None:
+    # The usual case in C-level passes (a step checks its grads every call); the loop below finds
+    # and names the offending tensor otherwise.
+    if (len(tensors) == len(reference) and list(map(_numel, tensors)) == list(map(_numel, reference))
+            and all(map(_is_contiguous, tensors)) and len(devices := set(map(_device, tensors))) <= 1
+            and devices == set(map(_device, reference)) and (not fp32 or set(map(_dtype, tensors)) <= {torch.float32})):
+        return
     if len(tensors) != len(reference):
         raise ValueError(f"{name}: {len(tensors)} tensors for {len(reference)} params")
     for i, (r, t) in enumerate(zip(reference, tensors)):
@@ -83,6 +94,12 @@ def check_counters(name: str, reference: Sequence[torch.Tensor], counters: Seque
 
 def buckets(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None) -> dict:
     """Indices of the non-empty tensors per (param dtype, grad dtype, device), in order."""
+    numels = list(map(_numel, params))
+    p_dtypes, devices = set(map(_dtype, params)), set(map(_device, params))
+    g_set = {None} if grads is None else set(map(_dtype, grads))
+    if len(p_dtypes) == len(g_set) == len(devices) == 1:  # one bucket: the usual case, in C-level passes
+        idx = [i for i, n in enumerate(numels) if n]
+        return {(*p_dtypes, *g_set, *devices): idx} if idx else {}
     out: dict = defaultdict(list)
     g_dtypes = [None] * len(params) if grads is None else [g.dtype for g in grads]
     for i, (p, g_dtype) in enumerate(zip(params, g_dtypes)):
@@ -118,9 +135,13 @@ class TableCache:
         not decide whether its tensor's chunks are fast. ``validate`` runs before a table is built:
         the tensors behind a cached table passed it (a step over the same storage is not checked
         again, which keeps a steady-state step's host work to the key)."""
-        first = [roles[0][i] for i in idx]
-        ptrs = tuple(tuple(role[i].data_ptr() for i in idx) if role is not None else None for role in roles)
-        numels = tuple(t.numel() for t in first)
+        whole = len(idx) == len(roles[0])  # one bucket: every tensor, in order
+        first = roles[0] if whole else [roles[0][i] for i in idx]
+        ptrs = tuple(
+            None if role is None else tuple(map(_data_ptr, role)) if whole else tuple(role[i].data_ptr() for i in idx)
+            for role in roles
+        )
+        numels = tuple(map(_numel, first))
         key = (device, ptrs, numels)
         hit = self._lookup(key)
         if hit is not None:
