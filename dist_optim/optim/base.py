@@ -379,6 +379,10 @@ class FusedOptimizer(Optimizer):
     def _by_state_dtype(self, group, params, grads, key: str):
         """(params, grads, quantized) for the params with fp32 and with int8 moments (``key``: a
         moment every state of the family has), the non-empty ones: a launch takes one kind."""
+        if self.state_dtype == "fp32":  # no int8 state to find: spare a steady-state step the state pass
+            if params:
+                yield params, grads, False
+            return
         states = self._states_for(group, params)
         quant = [absmax_key(key) in s for s in states]
         for want in (False, True):

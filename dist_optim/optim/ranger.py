@@ -129,7 +129,8 @@ class Ranger(RAdam):
         due = {id(synced[i]) for i in count_and_pick_due([self.state[p] for p in synced], group["k"])}
         hyper = self._radam_hyper(group, grad_scale, None)
         states = self._states_for(group, params)
-        quantized = [absmax_key("exp_avg") in s for s in states]
+        int8 = self.state_dtype == "int8"
+        quantized = [int8 and absmax_key("exp_avg") in s for s in states]
         for t, idx in advance(states).items():
             for sync, quant in ((True, False), (False, False), (True, True), (False, True)):
                 sel = [i for i in idx if (id(params[i]) in due) is sync and quantized[i] is quant]

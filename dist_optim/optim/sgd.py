@@ -81,7 +81,8 @@ class SGD(FusedOptimizer):
         # running buffers go in separate calls.
         fresh = ["momentum_buffer" not in self.state[p] or id(p) in self._prebuilt for p in params]
         states = self._states_for(group, params)
-        quantized = [absmax_key("momentum_buffer") in s for s in states]
+        int8 = self.state_dtype == "int8"
+        quantized = [int8 and absmax_key("momentum_buffer") in s for s in states]
         for first, quant in ((True, False), (False, False), (True, True), (False, True)):
             idx = [i for i, (f, q) in enumerate(zip(fresh, quantized)) if f is first and q is quant]
             if idx:
