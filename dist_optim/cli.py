@@ -3,6 +3,7 @@
     dist-optim train --optimizer ranger --strategy fsdp2 --nproc 2 --steps 300 --out out/ranger
     dist-optim train --resume out/ranger [--steps 600]
     dist-optim compare --optimizers adamw,ranger,radam,sgd --strategy fsdp2 --nproc 2 --out out/compare
+    dist-optim compare --optimizers adamw,ranger --state-dtype fp32,int8 --out out/int8
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_optimizer: bool) -> None
     p.add_argument("--warmup", type=int, default=None, help="default: min(20, steps // 10)")
     p.add_argument("--accum", type=int, default=None, help="micro-batches per optimizer step")
     p.add_argument("--max-grad-norm", type=float, default=None, help="global clipping norm (0 disables)")
+    p.add_argument("--state-dtype", default=None,
+                   help="fp32 or int8 (block-wise 8-bit moments); compare takes a comma-separated list")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--context", type=int, default=None)
@@ -121,8 +124,13 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if not names:
         raise ValueError("Invalid optimizers: '' (give a comma-separated list)")
     out = Path(args.out)
-    common = {k: v for k, v in _overrides(args).items() if k != "out"}
-    configs = [TrainConfig(**common, optimizer=n, out=str(out / n)) for n in names]  # validate all first
+    common = {k: v for k, v in _overrides(args).items() if k not in ("out", "state_dtype")}
+    dtypes = [d.strip() for d in (args.state_dtype or "fp32").split(",") if d.strip()]
+    # One run per (optimizer, state dtype); a run is named by its optimizer, and its dtype when several.
+    runs_of = [(n, d, n if len(dtypes) == 1 else f"{n}[{d}]") for n in names for d in dtypes]
+    configs = [TrainConfig(**common, optimizer=n, state_dtype=d, out=str(out / label.replace("[", "-").rstrip("]")))
+               for n, d, label in runs_of]  # validate all first
+    labels = {cfg.out: label for cfg, (_, _, label) in zip(configs, runs_of)}
     _prepare_out(out, args.overwrite)
     runs, table = {}, []
     for cfg in configs:
@@ -130,10 +138,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
         (Path(cfg.out) / "config.json").write_text(cfg.to_json())
         launch(cfg)
         rows = [json.loads(line) for line in (Path(cfg.out) / "metrics.jsonl").read_text().splitlines()]
-        runs[cfg.optimizer] = rows
+        runs[labels[cfg.out]] = rows
         report = (Path(cfg.out) / "report.md").read_text()
         val = next(line for line in report.splitlines() if line.startswith("| validation loss"))
-        table.append((cfg.optimizer, rows[0]["loss"], rows[-1]["loss"], val.split("|")[2].strip()))
+        table.append((labels[cfg.out], rows[0]["loss"], rows[-1]["loss"], val.split("|")[2].strip()))
     write_plot(out / "compare.png", runs)
     lines = ["| optimizer | first loss | final loss | validation loss |", "|---|---:|---:|---:|"]
     lines += [f"| {n} | {a:.4f} | {b:.4f} | {v} |" for n, a, b, v in table]

@@ -11,6 +11,7 @@ from pathlib import Path
 from .. import _checks
 from ..optim.schedules import DECAYS
 from ..registry import names as optimizer_names
+from ..state.layout import check_state_dtype
 
 STRATEGIES = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
@@ -35,6 +36,7 @@ class TrainConfig:
     warmup: int | None = None  # None: min(DEFAULT_WARMUP, steps // 10)
     accum: int = 1
     max_grad_norm: float | None = 1.0
+    state_dtype: str = "fp32"
     seed: int = 0
     batch_size: int = 8
     context: int = 128
@@ -90,6 +92,10 @@ class TrainConfig:
         if self.lr is not None:
             _checks.positive("lr", self.lr)
         _checks.max_grad_norm(self.max_grad_norm)
+        check_state_dtype(self.state_dtype)
+        if self.state_dtype != "fp32" and self.ds_optimizer is not None:
+            raise ValueError(f"Invalid state_dtype: {self.state_dtype!r} with a ds_config naming the optimizer "
+                             "(set \"state_dtype\" in its \"params\")")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"Invalid data: {self.data!r} (no such file)")
 
@@ -97,6 +103,14 @@ class TrainConfig:
     def ds_optimizer(self) -> dict | None:
         """The ds_config's ``"optimizer"`` entry, when the DeepSpeed config names the optimizer."""
         return None if self.ds_config is None else self.ds_config.get("optimizer")
+
+    def optimizer_kwargs(self) -> dict:
+        """What the flags give the optimizer's constructor (state_dtype only where it is not the
+        default, so that optimizers without moment state take these kwargs too)."""
+        kwargs = dict(lr=self.learning_rate, max_grad_norm=self.max_grad_norm)
+        if self.state_dtype != "fp32":
+            kwargs["state_dtype"] = self.state_dtype
+        return kwargs
 
     @property
     def learning_rate(self) -> float:

@@ -21,7 +21,7 @@ class DeepSpeedRunner:
         config = copy.deepcopy(cfg.ds_config) if cfg.ds_config is not None else _config_from_flags(cfg)
         client = None
         if cfg.ds_optimizer is None:
-            client = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm)
+            client = build_optimizer(cfg.optimizer, model.parameters(), **cfg.optimizer_kwargs())
         self.engine, self.zero_optimizer, _, _ = dod.initialize(model=model, optimizer=client, config=config)
         # The optimizer the engine steps (ours from the flags or the one its config names): the
         # schedule sets its lr and its counters tell skipped steps.

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..distributed.checkpoint import checkpoint_extra, latest_checkpoint
 from ..distributed.collectives import global_mean
+from ..optim import fused_core
 from ..optim.schedules import warmup_schedule
 from .config import DS_SCHEDULE, TrainConfig
 from .data import VOCAB, Corpus, batch
@@ -139,12 +140,22 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         peak_memory_mb=_peak_memory_mb(device),
         world_size=world,
     )
-    ran = {**runner.facts(), "world_size": world}
+    ran = {**runner.facts(), "world_size": world, **_state_facts(runner.optimizer)}
     if rank == 0:
         write_plot(out / "loss.png", {cfg.optimizer: rows})
         write_report(out / "report.md", cfg, summary, ran)
         (out / "run.json").write_text(json.dumps(ran, indent=1) + "\n")
     return summary
+
+
+def _state_facts(optimizer) -> dict:
+    """The optimizer state this rank holds (ours, or ours inside a Lookahead or a DeepSpeed engine)."""
+    core = fused_core(optimizer)
+    if core is None:
+        return {}
+    report = core.memory_report()
+    return dict(state_dtype=core.state_dtype, state_bytes_per_element=round(report.bytes_per_element, 3),
+                params_with_int8_state=report.params_int8)
 
 
 def _peak_memory_mb(device: torch.device) -> float:

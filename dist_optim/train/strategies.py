@@ -5,7 +5,6 @@ sees a runner: ``train_step(window) -> (mean loss, skipped)``, ``save``/``load``
 from __future__ import annotations
 
 import contextlib
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,8 +17,6 @@ from .model import lm_loss
 from .report import optimizer_label
 
 
-def _optimizer_kwargs(cfg: TrainConfig) -> dict[str, Any]:
-    return dict(lr=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm)
 
 
 class TorchRunner:
@@ -43,7 +40,7 @@ class TorchRunner:
         self.accum = GradientAccumulation(self.model, self.optimizer, cfg.accum)
 
     def _make_optimizer(self, model: torch.nn.Module):
-        return build_optimizer(self.cfg.optimizer, model.parameters(), **_optimizer_kwargs(self.cfg))
+        return build_optimizer(self.cfg.optimizer, model.parameters(), **self.cfg.optimizer_kwargs())
 
     def _prepare(self, cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
         if cfg.strategy == "ddp":

@@ -124,3 +124,27 @@ def test_compare_writes_one_table_and_plot(tmp_path):
     assert "| adamw |" in table and "| sgd |" in table
     assert (out / "compare.png").stat().st_size > 1000
     assert "| adamw |" in proc.stdout
+
+
+def test_state_dtype_int8_reaches_the_optimizer_and_compare_runs_both(tmp_path):
+    """--state-dtype int8 gives the optimizer int8 moments (run.json records what it held: about 2
+    bytes per element rather than 8); compare runs each optimizer once per state dtype."""
+    out = tmp_path / "int8"
+    cli("train", "--optimizer", "adamw", "--strategy", "single", "--nproc", "1", "--state-dtype", "int8",
+        "--out", str(out), *SMALL)
+    ran = json.loads((out / "run.json").read_text())
+    assert ran["state_dtype"] == "int8" and ran["params_with_int8_state"] > 0 and ran["state_bytes_per_element"] < 3
+    assert metrics(out)[-1]["loss"] < metrics(out)[0]["loss"]
+    cmp = tmp_path / "cmp"
+    cli("compare", "--optimizers", "sgd", "--state-dtype", "fp32,int8", "--strategy", "single", "--nproc", "1",
+        "--out", str(cmp), "--steps", "6", "--warmup", "1", "--log-every", "2", "--eval-every", "6",
+        "--ckpt-every", "6", "--batch-size", "4", "--context", "32")
+    table = (cmp / "compare.md").read_text()
+    assert "| sgd[fp32] |" in table and "| sgd[int8] |" in table
+    assert json.loads((cmp / "sgd-int8" / "run.json").read_text())["state_dtype"] == "int8"
+
+
+def test_a_bad_state_dtype_exits_nonzero_and_writes_nothing(tmp_path):
+    proc = cli("train", "--state-dtype", "int4", "--out", str(tmp_path / "y"), check=False)
+    assert proc.returncode == 2 and "Invalid state_dtype: 'int4'" in proc.stderr
+    assert not (tmp_path / "y").exists()
