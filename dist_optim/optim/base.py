@@ -99,6 +99,7 @@ class FusedOptimizer(Optimizer):
         # Params whose state compile_kernels() built and no step has used yet: their first step takes
         # the host flow, which knows a fresh state from a running one (SGD's first momentum step).
         self._prebuilt: set[int] = set()
+        self._planned: dict[int, list] = {}  # a device-flow step's states, per params list (see _device_plan)
 
     # --- what subclasses define -------------------------------------------------------------
     def _check_group(self, group: Mapping[str, Any]) -> None:
@@ -238,9 +239,10 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         work = self._collect_grads()
         device = self._flow_device(work)
-        plan = self._device_plan(work) if device is not None and not host else None
+        plan = self._device_plan(work, keep=True) if device is not None and not host else None
         if plan is not None:
             return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
+        self._planned = {}
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = float(grad_scale)
         scale = self._clip_scale(work, grad_scale)
@@ -274,8 +276,11 @@ class FusedOptimizer(Optimizer):
         scale, skip = control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1]
         if any(group.get("maximize") for group, _, _ in work):
             torch.neg(scale, out=control[_NEG_SCALE:])
-        for group, params, grads in work:
-            self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale, skip)
+        try:
+            for group, params, grads in work:
+                self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale, skip)
+        finally:
+            self._planned = {}
         return control
 
     def _warm_device_flow(self, work, device: torch.device, counters: Sequence[torch.Tensor] = ()) -> None:
@@ -333,22 +338,29 @@ class FusedOptimizer(Optimizer):
         """A per-param step count, as torch.optim keeps it (0-dim fp32), where the kernels read it."""
         return torch.zeros((), dtype=torch.float32, device=self.counter_device(param))
 
-    def _device_plan(self, work) -> list[torch.Tensor] | None:
+    def _device_plan(self, work, keep: bool = False) -> list[torch.Tensor] | None:
         """The counters a device-flow step advances (each stepped param's "step"), or None when
         some param stepped lacks state (the step then takes the host flow). One pass over the
         states: a lookup is a Python-level tensor hash."""
         counters, lookup = [], self.state.__getitem__
         if self._prebuilt and any(id(p) in self._prebuilt for _, params, _ in work for p in params):
             return None
+        planned = {}
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()
-            for state in map(lookup, params):
+            states = list(map(lookup, params))
+            for state in states:
                 if not keys <= state.keys():
                     return None
                 step = state.get("step")
                 if step is not None:
                     counters.append(step)
+            planned[id(params)] = states
+        if keep:
+            # The step's updates look the same states up again (``_states_for``): a tensor's hash
+            # is a Python call, so the lists are kept for this step (``_device_step`` drops them).
+            self._planned = planned
         return counters
 
     def _prepare_device_state(self, group, params) -> None:
@@ -471,6 +483,9 @@ class FusedOptimizer(Optimizer):
 
     def _states_for(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The params' states, each one's own key block (the last one) built on first use."""
+        planned = self._planned.get(id(params))
+        if planned is not None:
+            return planned
         blocks = self._state_key_blocks(group)
         states = list(map(self.state.__getitem__, params))
         if blocks:

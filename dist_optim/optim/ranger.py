@@ -56,10 +56,10 @@ class Ranger(RAdam):
     def _state_key_blocks(self, group):
         return [LOOKAHEAD_KEYS, *super()._state_key_blocks(group)]
 
-    def _device_plan(self, work):
+    def _device_plan(self, work, keep=False):
         # Lookahead counts optimizer steps taken, by every member, with a gradient this step or not;
         # a member without slow weights yet makes this a host-flow step.
-        plan = super()._device_plan(work)
+        plan = super()._device_plan(work, keep)
         if plan is None:
             return None
         lookup = self.state.__getitem__
