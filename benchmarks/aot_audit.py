@@ -76,7 +76,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Derived from the compile (`python benchmarks/aot_audit.py`), not measured on a GPU: "
         f"Triton {meta['triton']}, ptxas `{meta['ptxas sm_80']}` (sm_80) and `{meta['ptxas sm_90']}` (sm_90), "
         f"{meta['specializations']} specializations recorded from real launches (the optimizers' `step()` calls, "
-        "and the launchers' sync-free form: per-step values as device tensors, a device skip flag) "
+        "and the launchers' sync-free form: per-step values as device tensors, a device skip flag, per-tensor step and Lookahead counters, step_control; the int8-state variants are audited by tests/kernels/test_int8_aot.py) "
         f"({meta['record_s']} s), compiled for two archs in {meta['compile_s']} s on {meta['workers']} workers.",
         "",
         "Columns: registers per thread; spill stores/loads and stack frame in bytes (ptxas -v); global loads "
