@@ -24,21 +24,14 @@ from dist_optim.functional.adagrad import adagrad_clr
 from dist_optim.functional.radam import radam_step_size
 from tests.kernels import _against_torch as shared
 from tests.kernels._against_torch import at_offset, clone
+from tests._triton import device  # noqa: F401 (a fixture)
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 SIZES = [1, 7, 1003, 0, 601, 512]  # as in test_kernels: full chunks, tails, an empty tensor
 T = [1, 2, 5, 6, 7, 100, 10000]
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
 
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    dev = torch.device(request.param)
-    if not triton_kernels.supports(dev):
-        pytest.skip(f"Triton cannot run on {dev} in this process")
-    return dev
 
 
 make = functools.partial(shared.make, sizes=SIZES)

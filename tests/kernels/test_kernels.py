@@ -21,20 +21,13 @@ import dist_optim.functional as F
 import triton_kernels
 from tests.kernels import _against_torch as shared
 from tests.kernels._against_torch import assert_match, at_offset, clone
+from tests._triton import device  # noqa: F401 (a fixture)
 
 # Under the interpreter a chunk is 256 elements: 512 is two full chunks and no tail, 1003 three full
 # chunks and a tail of 235, the rest a tail only.
 SIZES = [1, 7, 1003, 0, 601, 512]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
 
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    dev = torch.device(request.param)
-    if not triton_kernels.supports(dev):
-        pytest.skip(f"Triton cannot run on {dev} in this process")
-    return dev
 
 
 make = functools.partial(shared.make, sizes=SIZES)

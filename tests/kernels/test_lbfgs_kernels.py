@@ -12,15 +12,8 @@ import torch
 
 import dist_optim.functional.lbfgs as F
 import triton_kernels
-from tests.kernels.test_kernels import DEVICES
+from tests._triton import device  # noqa: F401 (a fixture)
 
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    dev = torch.device(request.param)
-    if not triton_kernels.supports(dev):
-        pytest.skip(f"Triton cannot run on {dev} in this process")
-    return dev
 
 
 @pytest.mark.parametrize("n,m,cols", [(1, 1, 1), (1003, 5, 1003), (777, 3, 801)])

@@ -17,7 +17,7 @@ import dist_optim
 import triton_kernels
 from dist_optim.host_work import counting_host_reads, stubbed_launches
 from tests.optim._factories import CONFIGS, assert_identical, snapshot
-from tests.optim._setup import SHAPES, make_params, run, set_grads
+from tests.optim._setup import SHAPES, grads_in_place, make_params, run, set_grads
 
 pytestmark = pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")), reason="needs the Triton interpreter")
 
@@ -35,17 +35,8 @@ def test_steady_state_step_reads_nothing_on_the_host_and_builds_no_table(name):
     opt = CONFIGS[name](params, backend="triton", max_grad_norm=1.0)
     set_grads(params, 0)
     opt.compile_kernels()
-    # Grads stay in their storage from step to step, as a training loop's do (the caching allocator
-    # hands a backward the same blocks; ZeRO's and FSDP2's grad buffers are reused): set_grads'
-    # values are copied in, and its None pattern (every third step) is kept.
-    grads = {id(p): p.grad for p in params if p.grad is not None}
-
-    def step_in_place(step):
-        set_grads(params, step)
-        for p in params:
-            if p.grad is not None:
-                grads[id(p)].copy_(p.grad)
-                p.grad = grads[id(p)]
+    step_in_place = grads_in_place(params)  # grads keep their storage, as a training loop's do
+    step_in_place(0)
 
     opt.step()  # the first step after compile_kernels() takes the host flow, with real kernels
     launches, counts = Counter(), Counter()

@@ -40,3 +40,21 @@ def run(opt, params: list[torch.Tensor], start: int, stop: int, scale: float = 1
     for step in range(start, stop):
         set_grads(params, step, scale)
         opt.step()
+
+
+def grads_in_place(params: list[torch.Tensor]):
+    """``set_grads`` keeping each param's grad storage from step to step, as a training loop's grads
+    are (the caching allocator hands a backward the same blocks; ZeRO's and FSDP2's grad buffers are
+    reused), with its None pattern: returns ``step(i)``, which sets step i's values in place."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def step(index: int) -> None:
+        set_grads(params, index)
+        for p in params:
+            if p.grad is not None:
+                grad = kept.setdefault(id(p), p.grad)
+                if grad is not p.grad:
+                    grad.copy_(p.grad)
+                    p.grad = grad
+
+    return step

@@ -22,7 +22,7 @@ from dist_optim.state import MIN_QUANTIZED_NUMEL
 from dist_optim.state.codes import max_half_gap
 from dist_optim.state.layout import QBLOCK, absmax_key, code_map, dequantize_state, quantize_state, zero_state
 from tests.optim._factories import assert_identical, snapshot
-from tests.optim._setup import make_params, set_grads
+from tests.optim._setup import grads_in_place, make_params, set_grads
 
 needs_triton = pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")), reason="needs the Triton interpreter")
 
@@ -299,14 +299,8 @@ def test_int8_steady_state_step_reads_nothing_on_the_host(name):
     opt = FAMILIES[name](params, backend="triton", max_grad_norm=1.0, state_dtype="int8")
     set_grads(params, 0)
     opt.compile_kernels()
-    grads = {id(p): p.grad for p in params if p.grad is not None}
-
-    def step_in_place(step):
-        set_grads(params, step)
-        for p in params:
-            if p.grad is not None:
-                grads[id(p)].copy_(p.grad)
-                p.grad = grads[id(p)]
+    step_in_place = grads_in_place(params)  # grads keep their storage, as a training loop's do
+    step_in_place(0)
 
     opt.step()  # the first step after compile_kernels() takes the host flow, with real kernels
     launches, counts = Counter(), Counter()

@@ -13,13 +13,13 @@ both reach the same minimum.
 from __future__ import annotations
 
 import collections
-import contextlib
 import copy
 
 import pytest
 import torch
 
 import dist_optim
+from dist_optim.host_work import counting_host_reads
 
 
 def logistic_problem(seed=0, n=200, dim=10, dtype=torch.float32):
@@ -159,39 +159,6 @@ def test_step_without_closure_and_several_groups_are_refused():
         dist_optim.LBFGS([p]).step()
     with pytest.raises(ValueError, match="one param group"):
         dist_optim.LBFGS([{"params": [p]}, {"params": [torch.zeros(1, requires_grad=True)]}])
-
-
-@contextlib.contextmanager
-def counting_host_reads(counts: collections.Counter):
-    """Count the calls that read a tensor's value on the host (on a GPU: a device-to-host copy and
-    a wait), as benchmarks/host_overhead.py does, and ``torch.tensor`` (a blocking host-to-device
-    copy on CUDA)."""
-    originals = {}
-
-    def wrap(owner, name, key, predicate=None):
-        original = getattr(owner, name)
-        originals[(owner, name)] = original
-
-        def counted(*args, **kwargs):
-            if predicate is None or predicate(*args, **kwargs):
-                counts[key] += 1
-            return original(*args, **kwargs)
-
-        setattr(owner, name, counted)
-
-    def to_cpu(self, *args, **kwargs):
-        target = kwargs.get("device", args[0] if args else None)
-        return isinstance(target, (str, torch.device)) and torch.device(target).type == "cpu"
-
-    for name in ("item", "__int__", "__float__", "__bool__", "tolist", "cpu"):
-        wrap(torch.Tensor, name, name)
-    wrap(torch.Tensor, "to", 'to("cpu")', to_cpu)
-    wrap(torch, "tensor", "torch.tensor")
-    try:
-        yield
-    finally:
-        for (owner, name), original in originals.items():
-            setattr(owner, name, original)
 
 
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])

@@ -17,20 +17,13 @@ triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
 
 from triton_kernels import _launch, _quant, quant  # noqa: E402
+from tests._triton import device  # noqa: F401 (a fixture)
 
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.cuda, id="cuda")]
 MAPS = ["dynamic_tree-signed", "power-signed:3", "dynamic_tree_nozero-unsigned", "power-unsigned:4"]
 # The interpreter's tile is max(64, QBLOCK): sizes cross tiles and quantization blocks, end inside
 # a block, or are empty or tiny.
 SIZES = [0, 1, 2, 63, 64, 65, 257, 1000, 4099]
 
-
-@pytest.fixture(params=DEVICES)
-def device(request):
-    dev = torch.device(request.param)
-    if not triton_kernels.supports(dev):
-        pytest.skip(f"Triton cannot run on {dev} in this process")
-    return dev
 
 
 def moments(n: int, signed: bool, seed: int = 0) -> torch.Tensor:
