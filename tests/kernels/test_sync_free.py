@@ -8,16 +8,14 @@ Numerics run the kernels under the Triton interpreter against the torch backend.
 
 from __future__ import annotations
 
-from collections import Counter
 
 import pytest
 import torch
 
 import dist_optim
 import triton_kernels
-from dist_optim.host_work import counting_host_reads, stubbed_launches
 from tests.optim._factories import CONFIGS, assert_identical, snapshot
-from tests.optim._setup import SHAPES, grads_in_place, make_params, run, set_grads
+from tests.optim._setup import SHAPES, make_params, run, set_grads, steady_state_host_work
 
 pytestmark = pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")), reason="needs the Triton interpreter")
 
@@ -33,24 +31,8 @@ def _launch_key(kernel, args, kwargs) -> tuple:
 def test_steady_state_step_reads_nothing_on_the_host_and_builds_no_table(name):
     params = make_params(torch.bfloat16)
     opt = CONFIGS[name](params, backend="triton", max_grad_norm=1.0)
-    set_grads(params, 0)
-    opt.compile_kernels()
-    step_in_place = grads_in_place(params)  # grads keep their storage, as a training loop's do
-    step_in_place(0)
-
-    opt.step()  # the first step after compile_kernels() takes the host flow, with real kernels
-    launches, counts = Counter(), Counter()
-    with stubbed_launches(launches):
-        for step in range(1, 4):  # one cycle of the None pattern caches the tables of both param sets
-            step_in_place(step)
-            opt.step()
-        builds = triton_kernels._multi_tensor.TABLES.builds
-        launches.clear()
-        for step in range(4, 7):
-            step_in_place(step)
-            with counting_host_reads(counts):
-                opt.step()
-        assert triton_kernels._multi_tensor.TABLES.builds == builds
+    counts, launches, builds = steady_state_host_work(opt, params)
+    assert builds == 0
     assert not counts, f"host reads or tables built from lists in a steady-state step: {dict(counts)}"
     # Per step: the grads' statistics (partials and their sum), the control launch, one update per
     # param group (2 here, one dtype), and Lookahead's sync pass; Ranger adds a sync-only pass on

@@ -58,3 +58,31 @@ def grads_in_place(params: list[torch.Tensor]):
                     p.grad = grad
 
     return step
+
+
+def steady_state_host_work(opt, params: list[torch.Tensor]):
+    """(host reads, launches, launch tables built) over three steady-state Triton steps, launches
+    stubbed: after ``compile_kernels()``, the first (host-flow) step with real kernels, and one cycle
+    of ``set_grads``' None pattern that caches the tables of both param sets."""
+    from collections import Counter
+
+    import triton_kernels
+    from dist_optim.host_work import counting_host_reads, stubbed_launches
+
+    set_grads(params, 0)
+    opt.compile_kernels()
+    step_in_place = grads_in_place(params)
+    step_in_place(0)
+    opt.step()
+    launches, counts = Counter(), Counter()
+    with stubbed_launches(launches):
+        for step in range(1, 4):
+            step_in_place(step)
+            opt.step()
+        builds = triton_kernels._multi_tensor.TABLES.builds
+        launches.clear()
+        for step in range(4, 7):
+            step_in_place(step)
+            with counting_host_reads(counts):
+                opt.step()
+    return counts, launches, triton_kernels._multi_tensor.TABLES.builds - builds

@@ -22,7 +22,7 @@ from dist_optim.state import MIN_QUANTIZED_NUMEL
 from dist_optim.state.codes import max_half_gap
 from dist_optim.state.layout import QBLOCK, absmax_key, code_map, dequantize_state, quantize_state, zero_state
 from tests.optim._factories import assert_identical, snapshot
-from tests.optim._setup import grads_in_place, make_params, set_grads
+from tests.optim._setup import make_params, set_grads, steady_state_host_work
 
 needs_triton = pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")), reason="needs the Triton interpreter")
 
@@ -291,28 +291,9 @@ def test_int8_steady_state_step_reads_nothing_on_the_host(name):
     """tests/kernels/test_sync_free.py's check with int8 state: after compile_kernels and one cycle
     of the grad-None pattern, a step reads no tensor value on the host and builds no launch table
     (the code maps are made once per device)."""
-    from collections import Counter
-
-    from dist_optim.host_work import counting_host_reads, stubbed_launches
-
     params = int8_params()
     opt = FAMILIES[name](params, backend="triton", max_grad_norm=1.0, state_dtype="int8")
-    set_grads(params, 0)
-    opt.compile_kernels()
-    step_in_place = grads_in_place(params)  # grads keep their storage, as a training loop's do
-    step_in_place(0)
-
-    opt.step()  # the first step after compile_kernels() takes the host flow, with real kernels
-    launches, counts = Counter(), Counter()
-    with stubbed_launches(launches):
-        for step in range(1, 4):
-            step_in_place(step)
-            opt.step()
-        builds = triton_kernels._multi_tensor.TABLES.builds
-        for step in range(4, 7):
-            step_in_place(step)
-            with counting_host_reads(counts):
-                opt.step()
-        assert triton_kernels._multi_tensor.TABLES.builds == builds
+    counts, _, builds = steady_state_host_work(opt, params)
+    assert builds == 0
     assert not counts, dict(counts)
     assert any(absmax_key(MOMENTS[name][0]) in opt.state[p] for p in params)
