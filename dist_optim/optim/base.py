@@ -22,6 +22,7 @@ counts, as the host does in Python floats).
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -43,6 +44,10 @@ from . import _state_dict
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
 _SCALE, _SKIP, _NORM, _SKIPPED, _NEG_SCALE = range(5)
+
+
+def _new_control(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -265,7 +270,10 @@ class FusedOptimizer(Optimizer):
 
     def _device_step(self, work, device: torch.device, grad_scale, counters: Sequence[torch.Tensor]) -> torch.Tensor:
         control = self._control(device)
-        stats = self._grad_stats(work, grad_scale)
+        stats = self._grad_stats(work)
+        if stats is not None and self.nonfinite == "raise":  # raising needs the host: one read
+            sumsq, flag = stats.tolist()
+            self._raise_if_nonfinite(flag > 0 or not math.isfinite(sumsq), math.sqrt(sumsq) * float(grad_scale))
         if stats is not None and stats.device != device:  # e.g. reduced over a gloo group on the CPU
             stats = stats.to(device)
         step_control(
@@ -286,7 +294,7 @@ class FusedOptimizer(Optimizer):
     def _warm_device_flow(self, work, device: torch.device, counters: Sequence[torch.Tensor] = ()) -> None:
         """Compile the device flow's kernels without running them (its launches take device
         scalars and counter tables, other specializations than the host flow's)."""
-        control = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
+        control = _new_control(device)
         with compiling():
             stats = None
             if self._checks_grads():
@@ -306,12 +314,12 @@ class FusedOptimizer(Optimizer):
         wrapper compiling its own device-flow launches under ``compiling()``), or None when their
         steps take the host flow."""
         device = self._flow_device([(None, list(params), [])])
-        return None if device is None else torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
+        return None if device is None else _new_control(device)
 
     def _control(self, device: torch.device) -> torch.Tensor:
         control = self._controls.get(device)
         if control is None:
-            control = self._controls[device] = torch.zeros(_NEG_SCALE + 1, dtype=torch.float32, device=device)
+            control = self._controls[device] = _new_control(device)
         return control
 
     def _flow_device(self, work) -> torch.device | None:
@@ -320,8 +328,9 @@ class FusedOptimizer(Optimizer):
         first = next((p for _, params, _ in work for p in params), None)
         if first is None:
             return None
-        device = local_tensor(first).device
-        if resolve_backend(self.backend, [local_tensor(first)]) != "triton":
+        local = local_tensor(first)
+        device = local.device
+        if resolve_backend(self.backend, [local]) != "triton":
             if self.capturable:
                 raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
             return None
@@ -425,26 +434,25 @@ class FusedOptimizer(Optimizer):
             work.append((group, params, grads))
         return work
 
-    def _grad_stats(self, work, grad_scale) -> torch.Tensor | None:
+    def _grad_stats(self, work) -> torch.Tensor | None:
         """The all-reduced [sum of squares, non-finite flag] when clipping or the non-finite check
-        needs them, else None. With ``nonfinite="raise"`` it is read here (a host sync)."""
+        needs them, else None."""
         if not self._checks_grads():
             return None
         grads = [g for _, _, gs in work for g in gs]
         if self.process_group is None and active():
             self._refuse_unknown_shards(work, grads)
-        stats = global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout)
-        if self.nonfinite == "raise":
-            sumsq, flag = stats.tolist()
-            if flag > 0 or not torch.isfinite(torch.tensor(sumsq)):
-                norm = float(torch.tensor(sumsq, dtype=torch.float32).sqrt()) * float(grad_scale)
-                raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {norm})")
-        return stats
+        return global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout)
+
+    def _raise_if_nonfinite(self, bad: bool, norm) -> None:
+        """``nonfinite="raise"``: a step whose statistics (read on the host) are bad raises."""
+        if bad and self.nonfinite == "raise":
+            raise NonFiniteGradientError(f"{type(self).__name__}: a gradient holds inf or NaN (norm {float(norm)})")
 
     def _clip_scale(self, work, grad_scale: float) -> float | None:
         """Host flow: the scale the update applies to the raw gradients (``grad_scale`` times the
         clip coefficient), or None when the step is to be skipped."""
-        stats = self._grad_stats(work, grad_scale)
+        stats = self._grad_stats(work)
         if stats is None:
             return grad_scale
         sumsq, flag = stats.to(device="cpu", dtype=torch.float32)  # the one host sync of a step
@@ -455,6 +463,7 @@ class FusedOptimizer(Optimizer):
         scale32 = torch.tensor(grad_scale, dtype=torch.float32)
         norm = sumsq.sqrt() * scale32
         self._last_norm = float(norm)
+        self._raise_if_nonfinite(bad, norm)
         if bad and self.nonfinite == "skip":
             return None
         if self.max_grad_norm is None:
@@ -476,10 +485,6 @@ class FusedOptimizer(Optimizer):
                 "rank. Import dist_optim before deepspeed.initialize (it binds the data-parallel group), "
                 "or pass process_group= (the group the partitions are split over)"
             )
-
-    def _state(self, param: torch.Tensor, group: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-        """The param's state, its own key block (the last one) built on first use."""
-        return self._states_for(group, [param])[0]
 
     def _states_for(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """The params' states, each one's own key block (the last one) built on first use."""

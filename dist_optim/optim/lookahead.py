@@ -149,11 +149,12 @@ class Lookahead(Optimizer):
     def _warm_sync(self, synced) -> None:
         """Compile the device flow's sync (counters read on the device) and the step that advances
         the Lookahead counters with the wrapped optimizer's, without running them."""
-        self.optimizer.warm_step([self.state[p]["lookahead_step"] for p in synced])
+        counters = [self.state[p]["lookahead_step"] for p in synced]
+        self.optimizer.warm_step(counters)
         control = self.optimizer.warm_control(synced)
         if control is not None:
             with compiling():
-                self._sync(synced, [self.state[p]["lookahead_step"] for p in synced], skip=control[1:2])
+                self._sync(synced, counters, skip=control[1:2])
 
     def _sync(self, params, counters=None, skip=None) -> None:
         """The slow-weight update on ``params`` (all of them), or, given their advanced
