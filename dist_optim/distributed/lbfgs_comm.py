@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from .collectives import active, device_for
 from .grad_stats import GradLayout, mesh_group
-from .shard import is_dtensor, local_tensor
+from .shard import local_tensor
 
 
 def lbfgs_group(params: Sequence[torch.Tensor], explicit: Any) -> Any:
@@ -45,11 +45,9 @@ def counted_first(params: Sequence[torch.Tensor], group: Any) -> tuple[list[torc
     span = layout.resolve(params, group)[2]
 
     def here(p: torch.Tensor) -> bool:
-        if ranks is None or getattr(p, "_fsdp_flattened", False):
+        if getattr(p, "_fsdp_flattened", False):
             return True
-        if is_dtensor(p):
-            return layout.counted_here(p, False, ranks, span)
-        return dist.get_rank() == min(span or ranks)
+        return layout.counted_here(p, False, ranks, span)
 
     flags = [here(p) for p in params]
     counted = [p for p, c in zip(params, flags) if c]
