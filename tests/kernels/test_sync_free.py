@@ -228,3 +228,17 @@ def test_cuda_graph_replay_equals_eager_steps(name):
     assert graphed.skipped_steps == eager.skipped_steps == 1
     for a, b in zip(graph_params, eager_params):
         assert torch.equal(a, b)
+
+
+def test_raise_in_the_device_flow_raises_before_anything_changes():
+    """nonfinite="raise" reads the statistics once on a device-flow step and raises before the
+    counters or params move."""
+    params = make_params()
+    opt = dist_optim.AdamW(params, backend="triton", nonfinite="raise")
+    run(opt, params, 0, 2)  # the second step is a device-flow one
+    before = snapshot(opt, params)
+    set_grads(params, 2)
+    params[0].grad[0] = float("nan")
+    with pytest.raises(dist_optim.optim.base.NonFiniteGradientError, match="inf or NaN"):
+        opt.step()
+    assert_identical(before, snapshot(opt, params))
