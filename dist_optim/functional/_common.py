@@ -59,8 +59,10 @@ def fused_kernels(backend: str, params: Tensors, grads: Tensors | None = None, s
     (fp64, say) goes to the torch path under 'auto' and is refused under 'cpu'."""
     which = resolve_backend(backend, params)
     if which == "cpu" and states is not None and quantized_keys(states):
-        # cpu_kernels has no int8 kernels: quantized state takes the torch path (README)
-        return None
+        import cpu_kernels
+
+        if not getattr(cpu_kernels, "QUANTIZED_STATE", False):  # no int8 kernels there: the torch path
+            return None
     if which == "triton":
         import triton_kernels
 

@@ -39,6 +39,20 @@ def stream_seed(seed: int, step: int, rank: int = 0) -> int:
     return fmix32(h ^ fmix32(rank & MASK32 ^ 0x6A09E667))
 
 
+def param_base(seed: int, param_index: int, rank: int = 0) -> int:
+    """The 32-bit base of one param's random streams under ``bf16_update="stochastic"``: the
+    optimizer's ``rounding_seed``, the param's position in its param groups (flattened, fixed at
+    construction) and the rank (``torch.distributed.get_rank()``, 0 without a process group)."""
+    return stream_seed(seed, param_index, rank)
+
+
+def step_stream(base: int, step: int) -> int:
+    """The 32-bit stream seed of a param at step count ``step`` (its counter after this step's
+    advance): ``fmix32(base ^ fmix32(step))``. A kernel computes it from the device counter, so the
+    stream needs no host value per step."""
+    return fmix32((base & MASK32) ^ fmix32(step & MASK32))
+
+
 def _mul32(a: torch.Tensor, c: int) -> torch.Tensor:
     # (a * c) mod 2**32 for a < 2**32 without int64 overflow: a * 16-bit halves are below 2**48
     lo, hi = c & 0xFFFF, c >> 16
