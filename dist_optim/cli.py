@@ -36,6 +36,11 @@ def _add_train_args(p: argparse.ArgumentParser, *, with_optimizer: bool) -> None
     p.add_argument("--max-grad-norm", type=float, default=None, help="global clipping norm (0 disables)")
     p.add_argument("--state-dtype", default=None,
                    help="fp32 or int8 (block-wise 8-bit moments); compare takes a comma-separated list")
+    p.add_argument("--param-dtype", default=None,
+                   help="fp32, or bf16: the model's weights in bf16 with no fp32 master copy (not zero1/2/3)")
+    p.add_argument("--bf16-update", default=None,
+                   help="with --param-dtype bf16: nearest, stochastic (stochastic rounding) or kahan (a bf16 "
+                        "compensation buffer)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--context", type=int, default=None)

@@ -15,6 +15,10 @@ from ..state.layout import check_state_dtype
 
 STRATEGIES = ("single", "ddp", "fsdp2", "zero1", "zero2", "zero3")
 MIXED_PRECISION = ("no", "bf16", "fp16")  # accelerate's names
+# The model's own weights: fp32, or bf16 with no fp32 master copy (pure-bf16 training, where
+# ``bf16_update`` decides how each update is rounded into the weights).
+PARAM_DTYPES = ("fp32", "bf16")
+BF16_UPDATES = ("nearest", "stochastic", "kahan")
 LAUNCHERS = ("dist-optim", "accelerate", "external")
 # schedule when the ds_config's "scheduler" section sets the lr (DeepSpeed steps it in engine.step()).
 DS_SCHEDULE = "ds_config"
@@ -37,6 +41,8 @@ class TrainConfig:
     accum: int = 1
     max_grad_norm: float | None = 1.0
     state_dtype: str = "fp32"
+    param_dtype: str = "fp32"
+    bf16_update: str = "nearest"
     seed: int = 0
     batch_size: int = 8
     context: int = 128
@@ -96,6 +102,18 @@ class TrainConfig:
         if self.state_dtype != "fp32" and self.ds_optimizer is not None:
             raise ValueError(f"Invalid state_dtype: {self.state_dtype!r} with a ds_config naming the optimizer "
                              "(set \"state_dtype\" in its \"params\")")
+        _checks.one_of("param_dtype", self.param_dtype, PARAM_DTYPES)
+        _checks.one_of("bf16_update", self.bf16_update, BF16_UPDATES)
+        if self.bf16_update != "nearest" and self.param_dtype != "bf16":
+            raise ValueError(f"Invalid bf16_update: {self.bf16_update!r} with param_dtype {self.param_dtype!r} "
+                             "(it rounds updates into bf16 weights: pass param_dtype='bf16')")
+        if self.param_dtype == "bf16":
+            if self.strategy.startswith("zero"):
+                raise ValueError(f"Invalid param_dtype: 'bf16' with strategy {self.strategy!r} (DeepSpeed steps fp32 "
+                                 "master copies; use its bf16 mixed precision: mixed_precision='bf16')")
+            if self.mixed_precision != "no":
+                raise ValueError(f"Invalid param_dtype: 'bf16' with mixed_precision {self.mixed_precision!r} (the "
+                                 "weights are already bf16; mixed precision keeps fp32 weights)")
         if self.data is not None and not Path(self.data).is_file():
             raise ValueError(f"Invalid data: {self.data!r} (no such file)")
 
@@ -105,12 +123,20 @@ class TrainConfig:
         return None if self.ds_config is None else self.ds_config.get("optimizer")
 
     def optimizer_kwargs(self) -> dict:
-        """What the flags give the optimizer's constructor (state_dtype only where it is not the
-        default, so that optimizers without moment state take these kwargs too)."""
+        """What the flags give the optimizer's constructor (state_dtype and bf16_update only where
+        they are not the default, so that optimizers without them take these kwargs too)."""
         kwargs = dict(lr=self.learning_rate, max_grad_norm=self.max_grad_norm)
         if self.state_dtype != "fp32":
             kwargs["state_dtype"] = self.state_dtype
+        if self.bf16_update != "nearest":
+            kwargs["bf16_update"] = self.bf16_update
         return kwargs
+
+    @property
+    def torch_param_dtype(self):
+        import torch
+
+        return torch.bfloat16 if self.param_dtype == "bf16" else torch.float32
 
     @property
     def learning_rate(self) -> float:

@@ -67,7 +67,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
     device = torch.device("cuda", torch.cuda.current_device()) if cfg.device == "cuda" else torch.device("cpu")
     torch.manual_seed(cfg.seed)
     corpus = Corpus.load(cfg.data, cfg.data_bytes)
-    model = TinyGPT(VOCAB, cfg.context, cfg.dim, cfg.layers, cfg.heads).to(device)
+    model = TinyGPT(VOCAB, cfg.context, cfg.dim, cfg.layers, cfg.heads).to(device, cfg.torch_param_dtype)
     runner = make_runner(cfg, model, device)
     scheduler = _schedule(cfg, runner.optimizer)
     out = Path(cfg.out)
@@ -155,7 +155,7 @@ def _state_facts(optimizer) -> dict:
         return {}
     report = core.memory_report()
     return dict(state_dtype=core.state_dtype, state_bytes_per_element=round(report.bytes_per_element, 3),
-                params_with_int8_state=report.params_int8)
+                params_with_int8_state=report.params_int8, bf16_update=getattr(core, "bf16_update", "nearest"))
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -74,6 +74,7 @@ class TorchRunner:
             optimizer=optimizer_label(self.optimizer),
             final_lr=self.optimizer.param_groups[0]["lr"],
             sharded=any(type(p).__name__ == "DTensor" for p in self.model.parameters()),
+            weights_dtype=str(next(self.model.parameters()).dtype),
         )
         if self.mp_policy is not None:
             facts.update(param_dtype=str(self.mp_policy.param_dtype), reduce_dtype=str(self.mp_policy.reduce_dtype))

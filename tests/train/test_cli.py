@@ -148,3 +148,30 @@ def test_a_bad_state_dtype_exits_nonzero_and_writes_nothing(tmp_path):
     proc = cli("train", "--state-dtype", "int4", "--out", str(tmp_path / "y"), check=False)
     assert proc.returncode == 2 and "Invalid state_dtype: 'int4'" in proc.stderr
     assert not (tmp_path / "y").exists()
+
+
+def test_bf16_weights_with_stochastic_rounding_train_under_fsdp2(tmp_path):
+    """--param-dtype bf16 --bf16-update stochastic: the sharded weights are bf16 (no fp32 master
+    copy), the optimizer rounds updates stochastically, and the loss falls."""
+    out = tmp_path / "bf16"
+    cli("train", "--optimizer", "adamw", "--strategy", "fsdp2", "--nproc", "2", "--param-dtype", "bf16",
+        "--bf16-update", "stochastic", "--state-dtype", "int8", "--out", str(out), *SMALL)
+    ran = json.loads((out / "run.json").read_text())
+    assert ran["weights_dtype"] == "torch.bfloat16" and ran["sharded"]
+    assert ran["bf16_update"] == "stochastic" and ran["state_dtype"] == "int8"
+    assert metrics(out)[-1]["loss"] < metrics(out)[0]["loss"] - 0.3
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--bf16-update", "stochastic"], "Invalid bf16_update: 'stochastic' with param_dtype 'fp32'"),
+        (["--param-dtype", "bf16", "--bf16-update", "round"], "Invalid bf16_update: 'round'"),
+        (["--param-dtype", "bf16", "--strategy", "zero2"], "Invalid param_dtype: 'bf16' with strategy 'zero2'"),
+        (["--param-dtype", "fp8"], "Invalid param_dtype: 'fp8'"),
+    ],
+)
+def test_bad_bf16_flags_exit_nonzero_and_write_nothing(tmp_path, args, message):
+    proc = cli("train", *args, "--out", str(tmp_path / "z"), check=False)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-500:]
+    assert not (tmp_path / "z").exists()
