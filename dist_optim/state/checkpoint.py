@@ -52,6 +52,20 @@ def _dequantize_range(codes, absmax, code, block, lo, hi) -> torch.Tensor:
     return part[lo - first * block: hi - first * block]
 
 
+def dequantize_pieces(pieces: Sequence[tuple[torch.Tensor, torch.Tensor, int, int]], code: torch.Tensor,
+                      block: int) -> torch.Tensor:
+    """fp32 values of consecutive pieces, each ``(codes, absmax, lo, hi)``: elements [lo, hi) of a
+    shard quantized on its own (its element 0 starting its block 0). Only the blocks the pieces lie
+    in are dequantized. A DeepSpeed partition's fragment of one param is such a piece."""
+    out = []
+    for codes, absmax, lo, hi in pieces:
+        if not 0 <= lo <= hi <= codes.numel():
+            raise ValueError(f"piece [{lo}, {hi}) lies outside its shard of {codes.numel()} codes")
+        if lo < hi:
+            out.append(_dequantize_range(codes, absmax, code, block, lo, hi))
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.float32, device=code.device)
+
+
 def reblock(shards: Sequence[tuple[torch.Tensor, torch.Tensor]], old_bounds: Sequence[int],
             new_bounds: Sequence[int], code: torch.Tensor, block: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The (codes, absmax) of each new shard ``[new_bounds[j], new_bounds[j + 1])`` of the flat
@@ -67,11 +81,7 @@ def reblock(shards: Sequence[tuple[torch.Tensor, torch.Tensor]], old_bounds: Seq
             raise ValueError(f"old shard {i} has {codes.numel()} codes, its range {old_bounds[i + 1] - old_bounds[i]}")
     out = []
     for s, e in zip(new_bounds, new_bounds[1:]):
-        pieces = []
-        for (codes, absmax), o, oe in zip(shards, old_bounds, old_bounds[1:]):
-            lo, hi = max(s, o), min(e, oe)
-            if lo < hi:
-                pieces.append(_dequantize_range(codes, absmax, code, block, lo - o, hi - o))
-        values = torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.float32, device=code.device)
-        out.append(quantize_blockwise(values.contiguous(), code, block))
+        pieces = [(codes, absmax, max(s, o) - o, min(e, oe) - o)
+                  for (codes, absmax), o, oe in zip(shards, old_bounds, old_bounds[1:]) if max(s, o) < min(e, oe)]
+        out.append(quantize_blockwise(dequantize_pieces(pieces, code, block).contiguous(), code, block))
     return out

@@ -26,10 +26,42 @@ QBLOCK = MAX_BLOCK
 SIGNED_KEYS = frozenset({"exp_avg", "momentum_buffer", "grad_avg"})
 UNSIGNED_KEYS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg"})
 ABSMAX_SUFFIX = "_absmax"
+# In a checkpoint (``state_dict()``), a moment saved as int8 is ``<key>_codes`` + ``<key>_absmax``
+# and one saved as fp32 is ``<key>``: the two forms share no entry name, so a DCP load whose target
+# expects the other form fails on a missing key instead of reading codes into an fp32 tensor (DCP
+# copies across dtypes without a word).
+CODES_SUFFIX = "_codes"
 
 
 def absmax_key(key: str) -> str:
     return key + ABSMAX_SUFFIX
+
+
+def codes_key(key: str) -> str:
+    return key + CODES_SUFFIX
+
+
+def saved_absmax_shape(shape) -> tuple[int, ...] | None:
+    """The shape of a saved moment's absmax for a param of (global) ``shape``, or None where the
+    shape has no int8 checkpoint form (it is then saved in fp32 form).
+
+    Blocks are laid out over the param flattened row-major, block 0 at element 0 (the in-memory
+    layout of an unsharded param). To be shardable like the param on dim 0, the absmax of a param of
+    two or more dims is shaped [shape[0], m / QBLOCK], m = the elements of one dim-0 slice, which
+    requires ``m % QBLOCK == 0`` (every block then lies in one slice: a shard of whole dim-0 slices
+    holds whole blocks); a 1-D param's is [ceil(n / QBLOCK)].
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return None
+    if len(shape) == 1:
+        return (num_blocks(shape[0], QBLOCK),)
+    per_slice = 1
+    for s in shape[1:]:
+        per_slice *= s
+    if per_slice % QBLOCK:
+        return None
+    return (shape[0], per_slice // QBLOCK)
 
 
 def code_map(key: str) -> torch.Tensor:
@@ -67,6 +99,6 @@ def zero_state(numel: int, key: str, device: torch.device) -> dict[str, torch.Te
     return {key: codes, absmax_key(key): absmax}
 
 
-__all__ = ["ABSMAX_SUFFIX", "QBLOCK", "SIGNED_KEYS", "STATE_DTYPES", "UNSIGNED_KEYS", "absmax_key", "check_state_dtype",
-           "code_map", "dequantize_state", "is_quantized", "num_blocks", "quantize_state",
-           "zero_state"]
+__all__ = ["ABSMAX_SUFFIX", "CODES_SUFFIX", "QBLOCK", "SIGNED_KEYS", "STATE_DTYPES", "UNSIGNED_KEYS", "absmax_key", "check_state_dtype",
+           "code_map", "codes_key", "dequantize_state", "is_quantized", "num_blocks", "quantize_state",
+           "saved_absmax_shape", "zero_state"]
