@@ -9,6 +9,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "triton", "cpu")
 NONFINITE_MODES = ("skip", "raise", "apply")
+BF16_UPDATES = ("nearest", "stochastic", "kahan")
+# Lookahead's slow-weight dtypes by name (None: each param's own dtype)
+SLOW_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def _real(name: str, value: Any) -> float:
@@ -78,3 +81,26 @@ def grad_scale(value: Any):
 
 def max_grad_norm(value: Any) -> float | None:
     return None if value is None else positive("max_grad_norm", value)
+
+
+def bf16_update(value: Any) -> str:
+    return one_of("bf16_update", value, BF16_UPDATES)
+
+
+def rounding_seed(value: Any) -> int:
+    """A seed of stochastic rounding's streams: an int in [0, 2**64) (hashed as two 32-bit words)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+        raise ValueError(f"Invalid rounding_seed: {value!r} (must be an integer in [0, 2**64))")
+    return value
+
+
+def slow_dtype(value: Any) -> torch.dtype | None:
+    """Lookahead's slow-weight dtype: None (the param's), a torch dtype or a name of SLOW_DTYPES."""
+    if value is None:
+        return None
+    if isinstance(value, str) and value in SLOW_DTYPES:
+        return SLOW_DTYPES[value]
+    if isinstance(value, torch.dtype) and value in SLOW_DTYPES.values():
+        return value
+    names = ", ".join(["None", *map(repr, SLOW_DTYPES), "torch.float32", "torch.bfloat16", "torch.float16"])
+    raise ValueError(f"Invalid slow_dtype: {value!r} (must be one of {names})")

@@ -36,14 +36,16 @@ def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     return [local_tensor(t) for t in tensors]
 
 
-def new_state_like(param: torch.Tensor, *, fill: float = 0.0, copy: bool = False) -> torch.Tensor:
-    """An fp32 state tensor laid out like ``param`` (a DTensor with the same placements for a DTensor
-    param, so DCP saves and reshards it with its param); zero/``fill``, or a copy of the param's values."""
+def new_state_like(param: torch.Tensor, *, fill: float = 0.0, copy: bool = False,
+                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A state tensor of ``dtype`` (fp32 unless said) laid out like ``param`` (a DTensor with the same
+    placements for a DTensor param, so DCP saves and reshards it with its param); zero/``fill``, or a
+    copy of the param's values (rounded to nearest where ``dtype`` is narrower)."""
     local = local_tensor(param).detach()
     if copy:
-        state = local.to(dtype=torch.float32, copy=True)
+        state = local.to(dtype=dtype, copy=True)
     else:
-        state = torch.full_like(local, fill, dtype=torch.float32, memory_format=torch.contiguous_format)
+        state = torch.full_like(local, fill, dtype=dtype, memory_format=torch.contiguous_format)
     if is_dtensor(param):
         return DTensor.from_local(
             state, param.device_mesh, param.placements, run_check=False, shape=param.shape, stride=param.stride()

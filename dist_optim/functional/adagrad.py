@@ -8,11 +8,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._common import Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import (Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values,
+                      rounding_of, scaled_grads, warming, write_back)
 
 STATE_KEYS = ("step", "sum")
 
@@ -33,27 +34,36 @@ def adagrad_step(
     step: Step,
     grad_scale=1.0,
     skip: torch.Tensor | None = None,
+    bf16_update: str = "nearest",
+    sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_bases: Sequence[int] | None = None,
     backend: str = "torch",
 ) -> None:
     """One Adagrad step in place; ``step`` is the (already incremented) step count t >= 1, or
-    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow)."""
-    kernels = fused_kernels(backend, params, grads, states)
+    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow).
+    ``bf16_update`` says how bf16 params are stored (see ``_common.write_back``)."""
+    rounding = rounding_of(bf16_update, params, sr_seeds, sr_bases)
+    kernels = fused_kernels(backend, params, grads, states, rounding.mode)
     if not isinstance(step, int):
         if reads_device_values(kernels):
             kernels.adagrad_step(params, grads, states, clr=None, lr=lr, lr_decay=lr_decay, steps=step,
-                                 weight_decay=weight_decay, eps=eps, grad_scale=grad_scale, skip=skip)
+                                 weight_decay=weight_decay, eps=eps, grad_scale=grad_scale, skip=skip,
+                                 **rounding.for_kernels())
             return
-        for ps, gs, ss, t, scale, _ in on_host(params, grads, states, step, grad_scale, skip):
-            adagrad_step(ps, gs, ss, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay, eps=eps, step=t,
-                         grad_scale=scale, backend=backend)
+        for call in on_host(params, grads, states, step, grad_scale, skip, rounding=rounding):
+            adagrad_step(call.params, call.grads, call.states, lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
+                         eps=eps, step=call.t, grad_scale=call.grad_scale, **call.rounding.kwargs(), backend=backend)
         return
     if not reads_device_values(kernels):
         lr = host_number(lr)
     clr = adagrad_clr(lr, lr_decay, step)
     if kernels is not None:
         kernels.adagrad_step(
-            params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale
+            params, grads, states, clr=clr, weight_decay=weight_decay, eps=eps, grad_scale=grad_scale,
+            **rounding.for_kernels(sr_step=step),
         )
+        return
+    if warming():
         return
     states, requantize = dequantized(params, states)
     p32 = fp32_views(params)
@@ -66,6 +76,6 @@ def adagrad_step(
     torch._foreach_add_(std, eps)
     numerator = torch._foreach_mul(g, -clr)
     torch._foreach_addcdiv_(p32, numerator, std)
-    write_back(params, p32)
+    write_back(params, p32, rounding, step=step, comps=states.get("kahan_comp"))
     if requantize is not None:
         requantize()

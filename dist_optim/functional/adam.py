@@ -10,11 +10,12 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._common import Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import (Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values,
+                      rounding_of, scaled_grads, warming, write_back)
 
 
 def moments(params, grads, states, *, lr, beta1, beta2, weight_decay, decoupled, grad_scale):
@@ -54,20 +55,26 @@ def adam_step(
     step: Step,
     grad_scale=1.0,
     skip: torch.Tensor | None = None,
+    bf16_update: str = "nearest",
+    sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_bases: Sequence[int] | None = None,
     backend: str = "torch",
 ) -> None:
     """One Adam/AdamW step in place; ``step`` is the (already incremented) step count t >= 1, or
-    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow)."""
+    per-tensor counters on the device with ``grad_scale`` and ``skip`` there too (device flow).
+    ``bf16_update`` says how bf16 params are stored (see ``_common.write_back``)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
                  amsgrad=amsgrad)
-    kernels = fused_kernels(backend, params, grads, states)
+    rounding = rounding_of(bf16_update, params, sr_seeds, sr_bases)
+    kernels = fused_kernels(backend, params, grads, states, rounding.mode)
     if not isinstance(step, int):
         if reads_device_values(kernels):
             kernels.adam_step(params, grads, states, **hyper, steps=step, step_size=None,
-                              bias_correction2_sqrt=None, grad_scale=grad_scale, skip=skip)
+                              bias_correction2_sqrt=None, grad_scale=grad_scale, skip=skip, **rounding.for_kernels())
             return
-        for ps, gs, ss, t, scale, _ in on_host(params, grads, states, step, grad_scale, skip):
-            adam_step(ps, gs, ss, **hyper, step=t, grad_scale=scale, backend=backend)
+        for call in on_host(params, grads, states, step, grad_scale, skip, rounding=rounding):
+            adam_step(call.params, call.grads, call.states, **hyper, step=call.t, grad_scale=call.grad_scale,
+                      **call.rounding.kwargs(), backend=backend)
         return
     if not reads_device_values(kernels):
         lr = host_number(lr)
@@ -77,8 +84,10 @@ def adam_step(
         kernels.adam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled=decoupled, amsgrad=amsgrad, step_size=step_size,
-            bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale,
+            bias_correction2_sqrt=bias_correction2_sqrt, grad_scale=grad_scale, **rounding.for_kernels(sr_step=step),
         )
+        return
+    if warming():
         return
     states, requantize = dequantized(params, states)
     p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
@@ -92,6 +101,6 @@ def adam_step(
     torch._foreach_div_(denom, bias_correction2_sqrt)
     torch._foreach_add_(denom, eps)
     torch._foreach_addcdiv_(p32, exp_avgs, denom, value=-step_size)
-    write_back(params, p32)
+    write_back(params, p32, rounding, step=step, comps=states.get("kahan_comp"))
     if requantize is not None:
         requantize()

@@ -8,6 +8,8 @@ and Ranger's fused step (RAdam followed, on Lookahead sync steps, by the slow-we
                             p = p - lr * r * sqrt(1 - beta2^t) / (1 - beta1^t) * m / (sqrt(v) + eps)
     otherwise:              p = p - lr / (1 - beta1^t) * m      (SGD with bias-corrected momentum)
     Ranger, on a sync step: slow = slow + alpha * (p - slow);  p = slow
+                            (slow in fp32 from its stored dtype, stored rounded to nearest; p gets
+                            the stored slow, rounded to nearest: no bf16_update on a sync step)
 
 eps is added to sqrt(v), not to the bias-corrected sqrt(v / (1 - beta2^t)): that is torch.optim.RAdam's
 and the authors' choice, and it differs from Adam's.
@@ -16,11 +18,12 @@ and the authors' choice, and it differs from Adam's.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._common import Step, Tensors, dequantized, fused_kernels, host_number, on_host, reads_device_values, write_back
+from ._common import (NEAREST, Step, Tensors, dequantized, fused_kernels, host_number, on_host, reads_device_values,
+                      rounding_of, warming, write_back)
 from .adam import moments
 from .lookahead import pull_and_reset
 
@@ -64,27 +67,34 @@ def radam_step(
     k: int | None = None,
     grad_scale=1.0,
     skip: torch.Tensor | None = None,
+    bf16_update: str = "nearest",
+    sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_bases: Sequence[int] | None = None,
     backend: str = "torch",
 ) -> None:
     """One RAdam step in place. With ``lookahead_alpha`` (Ranger) the slow weights in
-    ``states['slow_buffer']`` are pulled towards the new params and the params reset to them, in the
-    same pass; the fp32 result of the step feeds the slow update before any rounding to the param
-    dtype. The sync happens on every tensor given (host flow: the caller passes the due ones), or,
-    with ``lookahead_steps`` (advanced Lookahead counters) and ``k``, on those whose count is a
-    multiple of k (device flow, with ``step`` as device counters)."""
+    ``states['slow_buffer']`` (fp32, bf16 or fp16) are pulled towards the new params and the params
+    reset to them, in the same pass; the fp32 result of the step feeds the slow update before any
+    rounding to the param dtype. The sync happens on every tensor given (host flow: the caller passes
+    the due ones), or, with ``lookahead_steps`` (advanced Lookahead counters) and ``k``, on those
+    whose count is a multiple of k (device flow, with ``step`` as device counters). ``bf16_update``
+    says how bf16 params are stored on the steps without a sync (see ``_common.write_back``)."""
     hyper = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled)
-    kernels = fused_kernels(backend, params, grads, states)
+    rounding = rounding_of(bf16_update, params, sr_seeds, sr_bases)
+    kernels = fused_kernels(backend, params, grads, states, rounding.mode)
     if not isinstance(step, int):
         if reads_device_values(kernels):
             kernels.radam_step(params, grads, states, **hyper, rho_threshold=rho_threshold, steps=step, rectified=None,
                                step_size=None, lookahead_alpha=lookahead_alpha, la_steps=lookahead_steps, k=k,
-                               grad_scale=grad_scale, skip=skip)
+                               grad_scale=grad_scale, skip=skip, **rounding.for_kernels())
             return
-        for ps, gs, ss, t, scale, sync in on_host(params, grads, states, step, grad_scale, skip, lookahead_steps, k):
-            if sync is False:
+        for call in on_host(params, grads, states, step, grad_scale, skip, lookahead_steps, k, rounding=rounding):
+            ss = call.states
+            if call.sync is False:
                 ss = {key: v for key, v in ss.items() if key != "slow_buffer"}
-            radam_step(ps, gs, ss, **hyper, rho_threshold=rho_threshold, step=t,
-                       lookahead_alpha=None if sync is False else lookahead_alpha, grad_scale=scale, backend=backend)
+            radam_step(call.params, call.grads, ss, **hyper, rho_threshold=rho_threshold, step=call.t,
+                       lookahead_alpha=None if call.sync is False else lookahead_alpha, grad_scale=call.grad_scale,
+                       **call.rounding.kwargs(), backend=backend)
         return
     if not reads_device_values(kernels):
         lr = host_number(lr)
@@ -93,8 +103,10 @@ def radam_step(
         kernels.radam_step(
             params, grads, states, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
             decoupled=decoupled, rectified=rectified, step_size=step_size, lookahead_alpha=lookahead_alpha,
-            grad_scale=grad_scale,
+            grad_scale=grad_scale, **rounding.for_kernels(sr_step=step),
         )
+        return
+    if warming():
         return
     states, requantize = dequantized(params, states)
     p32, exp_avgs, exp_avg_sqs = moments(params, grads, states, lr=lr, beta1=beta1, beta2=beta2,
@@ -107,6 +119,7 @@ def radam_step(
         torch._foreach_add_(p32, exp_avgs, alpha=-step_size)
     if lookahead_alpha is not None:
         pull_and_reset(p32, list(states["slow_buffer"]), lookahead_alpha)
-    write_back(params, p32)
+        rounding = NEAREST  # the params take the slow weights as they are (the Kahan buffer stays)
+    write_back(params, p32, rounding, step=step, comps=states.get("kahan_comp"))
     if requantize is not None:
         requantize()

@@ -10,11 +10,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._common import Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values, scaled_grads, write_back
+from ._common import (Step, Tensors, dequantized, fp32_views, fused_kernels, host_number, on_host, reads_device_values,
+                      rounding_of, scaled_grads, warming, write_back)
 
 
 def rmsprop_state_keys(momentum: float, centered: bool) -> tuple[str, ...]:
@@ -39,22 +40,35 @@ def rmsprop_step(
     centered: bool,
     grad_scale=1.0,
     skip: torch.Tensor | None = None,
+    step: Step | None = None,
+    bf16_update: str = "nearest",
+    sr_seeds: Sequence[torch.Tensor] | None = None,
+    sr_bases: Sequence[int] | None = None,
     backend: str = "torch",
 ) -> None:
     """One RMSprop step in place. ``states`` holds 'square_avg', plus 'momentum_buffer' when
     momentum > 0 and 'grad_avg' when centered (all fp32). ``grad_scale`` and ``skip`` may be
-    one-element device tensors (device flow)."""
+    one-element device tensors (device flow). ``bf16_update`` says how bf16 params are stored (see
+    ``_common.write_back``); the update needs no step count, stochastic rounding's streams do:
+    ``step`` (int t, or advanced counters in the device flow)."""
     hyper = dict(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered)
-    kernels = fused_kernels(backend, params, grads, states)
+    rounding = rounding_of(bf16_update, params, sr_seeds, sr_bases)
+    kernels = fused_kernels(backend, params, grads, states, rounding.mode)
     if skip is not None or isinstance(grad_scale, torch.Tensor):  # device flow
+        counters = step if rounding.mode == "stochastic" else None
         if reads_device_values(kernels):
-            kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale, skip=skip)
+            kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale, skip=skip,
+                                 **rounding.for_kernels(steps=counters))
             return
-        for ps, gs, ss, _, scale, _ in on_host(params, grads, states, None, grad_scale, skip):
-            rmsprop_step(ps, gs, ss, **hyper, grad_scale=scale, backend=backend)
+        for call in on_host(params, grads, states, counters, grad_scale, skip, rounding=rounding):
+            rmsprop_step(call.params, call.grads, call.states, **hyper, grad_scale=call.grad_scale, step=call.t,
+                         **call.rounding.kwargs(), backend=backend)
         return
     if kernels is not None:
-        kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale)
+        kernels.rmsprop_step(params, grads, states, **hyper, grad_scale=grad_scale,
+                             **rounding.for_kernels(sr_step=step))
+        return
+    if warming():
         return
     lr = host_number(lr)
     states, requantize = dequantized(params, states)
@@ -84,6 +98,6 @@ def rmsprop_step(
         torch._foreach_add_(p32, bufs, alpha=-lr)
     else:
         torch._foreach_addcdiv_(p32, g, avg, value=-lr)
-    write_back(params, p32)
+    write_back(params, p32, rounding, step=step, comps=states.get("kahan_comp"))
     if requantize is not None:
         requantize()

@@ -37,6 +37,8 @@ class Adagrad(FusedOptimizer):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, lr_decay=lr_decay, weight_decay=weight_decay,
@@ -44,7 +46,7 @@ class Adagrad(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
 
     def _check_group(self, group):
@@ -61,10 +63,11 @@ class Adagrad(FusedOptimizer):
         return {"step": self._new_counter(param), **self._new_moment(param, "sum", fill=group["initial_accumulator_value"])}
 
     def _update_group(self, group, params, grads, grad_scale, skip):
-        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "sum"):
-            for ps, gs, states, t in self._step_buckets(group, qps, qgs, self._with_absmax(("sum",), quantized), skip):
+        for qps, qgs, quantized, mode in self._by_state_dtype(group, params, grads, "sum"):
+            keys = self._with_absmax(("sum",), quantized)
+            for ps, gs, states, t, rounding in self._step_buckets(group, qps, qgs, keys, skip, mode):
                 adagrad_step(
                     ps, gs, states, lr=group["lr"], lr_decay=group["lr_decay"], weight_decay=group["weight_decay"],
-                    eps=group["eps"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
+                    eps=group["eps"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend, **rounding,
                 )
 

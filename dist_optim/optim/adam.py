@@ -39,6 +39,8 @@ class Adam(FusedOptimizer):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
@@ -46,7 +48,7 @@ class Adam(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
 
     def _check_group(self, group):
@@ -67,12 +69,14 @@ class Adam(FusedOptimizer):
     def _update_group(self, group, params, grads, grad_scale, skip):
         beta1, beta2 = group["betas"]
         keys = adam_state_keys(group["amsgrad"])[1:]
-        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "exp_avg"):
-            for ps, gs, states, t in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized), skip):
+        for qps, qgs, quantized, mode in self._by_state_dtype(group, params, grads, "exp_avg"):
+            for ps, gs, states, t, rounding in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized),
+                                                                  skip, mode):
                 adam_step(
                     ps, gs, states, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                     weight_decay=group["weight_decay"], decoupled=group["decoupled_weight_decay"],
                     amsgrad=group["amsgrad"], step=t, grad_scale=grad_scale, skip=skip, backend=self.backend,
+                    **rounding,
                 )
 
 
@@ -95,9 +99,11 @@ class AdamW(Adam):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params, lr, betas, eps, weight_decay, amsgrad, decoupled_weight_decay=True, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )

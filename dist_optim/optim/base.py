@@ -18,6 +18,15 @@ One ``step()`` takes one of two flows.
 
 The two flows give the same bits (the kernels compute the bias corrections in fp64 from the device
 counts, as the host does in Python floats).
+
+bf16 params without fp32 masters (``bf16_update``): "nearest" rounds the fp32 result to nearest
+(torch's behaviour); "stochastic" rounds it up or down at random, in proportion (unbiased), with
+bits that depend only on (``rounding_seed``, the param's position in the param groups, the rank,
+its step count, the element's index in the local shard): reproducible, and independent of launch
+order or bucketing; "kahan" keeps a bf16 compensation buffer per param (state ``kahan_comp``) that
+carries what rounding dropped into later steps. The mode applies to bf16 params only: fp32 params
+are unaffected and fp16 params keep round-to-nearest. SGD, whose update needs no step count, keeps
+a "step" counter for its bf16 params under "stochastic" (the streams are per step).
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from .. import _checks
@@ -39,11 +49,18 @@ from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_c
 from ..functional.control import CLIP_EPS
 from ..state import quantizes
 from ..state.layout import absmax_key, check_state_dtype, quantize_state, zero_state
+from ..state import rounding
 from ..state.report import MemoryReport, memory_report
 from . import _state_dict
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
 _SCALE, _SKIP, _NORM, _SKIPPED, _NEG_SCALE = range(5)
+
+
+# State of the bf16 update modes: Kahan's compensation buffer (bf16, laid out like its param), and
+# the step counter that SGD keeps only for stochastic rounding's streams.
+KAHAN_KEY = "kahan_comp"
+_KAHAN_KEYS, _STEP_KEYS = frozenset({KAHAN_KEY}), frozenset({"step"})
 
 
 def _new_control(device: torch.device) -> torch.Tensor:
@@ -69,8 +86,15 @@ class FusedOptimizer(Optimizer):
         process_group: Any,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         self.state_dtype = check_state_dtype(state_dtype)
+        self.bf16_update = _checks.bf16_update(bf16_update)
+        self.rounding_seed = _checks.rounding_seed(rounding_seed)
+        # Each param's stochastic-rounding stream base, as (int, 0-dim int64 tensor on its device),
+        # built on first use. Not state: it depends on the rank, and is not checkpointed.
+        self._stream_bases: dict[torch.Tensor, tuple[int, torch.Tensor]] = {}
         if isinstance(params, torch.Tensor):
             raise ValueError(f"params must be an iterable of tensors or dicts, got a {torch.typename(params)}")
         params = list(params)
@@ -107,6 +131,9 @@ class FusedOptimizer(Optimizer):
         self._planned: dict[int, list] = {}  # a device-flow step's states, per params list (see _device_plan)
 
     # --- what subclasses define -------------------------------------------------------------
+    # Whether the family's state has a "step" counter of its own (SGD's has not).
+    _KEEPS_STEP = True
+
     def _check_group(self, group: Mapping[str, Any]) -> None:
         raise NotImplementedError
 
@@ -211,8 +238,8 @@ class FusedOptimizer(Optimizer):
             self._warm_device_flow(work, device, counters)
 
     def memory_report(self) -> "MemoryReport":
-        """Bytes of optimizer state on this rank: ``total``, ``int8`` (codes and absmax), ``fp32``
-        (fp32 state tensors), ``counters``; how many params hold int8 or fp32 moments
+        """Bytes of optimizer state on this rank: ``total``, ``int8`` (codes and absmax), ``fp32``,
+        ``bf16`` and ``fp16`` (state tensors by dtype: Kahan buffers are bf16), ``counters``; how many params hold int8 or fp32 moments
         (``params_int8``, ``params_fp32``), their local elements (``numel``) and
         ``bytes_per_element``; ``per_entry`` by state key (dist_optim.state.report)."""
         return memory_report(self.state)
@@ -224,13 +251,73 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(
             self, state_dict,
-            lambda sd: _state_dict.restore(self, sd, self._state_key_blocks, self._check_group, self.counter_device,
+            lambda sd: _state_dict.restore(self, sd, self._load_key_blocks, self._check_group, self.counter_device,
                                            self._stored_form),
         )
 
     def _stored_form(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """A loaded state as this optimizer keeps it: moments quantized where ``_quantizes(param)``."""
+        """A loaded state as this optimizer keeps it: moments quantized where ``_quantizes(param)``,
+        the Kahan buffer in bf16 (the load restores every state tensor in fp32; bf16 -> fp32 -> bf16
+        is exact)."""
+        if KAHAN_KEY in state and state[KAHAN_KEY].dtype != torch.bfloat16:
+            state = {**state, KAHAN_KEY: state[KAHAN_KEY].to(torch.bfloat16)}
         return _state_dict.quantized_form(param, state) if self._quantizes(param) else state
+
+    def _load_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
+        """The key blocks a loaded param state may hold: the family's, and the bf16 update's
+        (present on bf16 params only, so optional; refused under another mode)."""
+        return [*self._state_key_blocks(group), *self._rounding_key_blocks()]
+
+    def _rounding_key_blocks(self) -> list[frozenset[str]]:
+        if self.bf16_update == "kahan":
+            return [_KAHAN_KEYS]
+        if self.bf16_update == "stochastic" and not self._KEEPS_STEP:
+            return [_STEP_KEYS]
+        return []
+
+    # --- bf16 updates -----------------------------------------------------------------------------
+    def _rounding_mode(self, param: torch.Tensor) -> str:
+        """The bf16 update mode ``param``'s writes take: ``bf16_update`` for bf16 params, else nearest."""
+        return self.bf16_update if param.dtype == torch.bfloat16 else "nearest"
+
+    def _rounding_keys(self, param: torch.Tensor) -> frozenset[str]:
+        """The state keys ``param`` needs for its bf16 update mode."""
+        mode = self._rounding_mode(param)
+        if mode == "kahan":
+            return _KAHAN_KEYS
+        if mode == "stochastic" and not self._KEEPS_STEP:
+            return _STEP_KEYS
+        return frozenset()
+
+    def _rounding_state(self, param: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The state of ``param``'s bf16 update mode, fresh: a zero compensation, a zero count."""
+        keys = self._rounding_keys(param)
+        state = {}
+        if KAHAN_KEY in keys:
+            state[KAHAN_KEY] = new_state_like(param, dtype=torch.bfloat16)
+        if "step" in keys:
+            state["step"] = self._new_counter(param)
+        return state
+
+    def _rounding_kwargs(self, params: Sequence[torch.Tensor], mode: str) -> dict[str, Any]:
+        """The functional entries' rounding arguments for ``params`` (all of one mode)."""
+        if mode != "stochastic":
+            return {} if mode == "nearest" else {"bf16_update": mode}
+        cache = self._stream_bases
+        if any(p not in cache for p in params):
+            self._make_stream_bases()
+        pairs = [cache[p] for p in params]
+        return {"bf16_update": mode, "sr_seeds": [t for _, t in pairs], "sr_bases": [b for b, _ in pairs]}
+
+    def _make_stream_bases(self) -> None:
+        """Stream bases of the params that lack one: ``rounding.param_base(rounding_seed, position in
+        the param groups flattened, global rank)``, the int and a 0-dim int64 tensor on the device."""
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        for index, p in enumerate(p for g in self.param_groups for p in g["params"]):
+            if p not in self._stream_bases:
+                base = rounding.param_base(self.rounding_seed, index, rank)
+                device = local_tensor(p).device
+                self._stream_bases[p] = (base, torch.tensor(base, dtype=torch.int64, device=device))
 
     # --- the step ---------------------------------------------------------------------------------
     def _step(self, closure, grad_scale, counters: Sequence[torch.Tensor] = (), *, host: bool = False):
@@ -359,6 +446,9 @@ class FusedOptimizer(Optimizer):
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()
             states = list(map(lookup, params))
+            if self.bf16_update != "nearest" and not all(self._rounding_keys(p) <= s.keys()
+                                                         for p, s in zip(params, states)):
+                return None
             for state in states:
                 if not keys <= state.keys():
                     return None
@@ -398,18 +488,22 @@ class FusedOptimizer(Optimizer):
         return {key: new_state_like(param, fill=fill)}
 
     def _by_state_dtype(self, group, params, grads, key: str):
-        """(params, grads, quantized) for the params with fp32 and with int8 moments (``key``: a
-        moment every state of the family has), the non-empty ones: a launch takes one kind."""
-        if self.state_dtype == "fp32":  # no int8 state to find: spare a steady-state step the state pass
+        """(params, grads, quantized, bf16 update mode) for each kind of launch among the params:
+        fp32 or int8 moments (``key``: a moment every state of the family has) and the mode their
+        writes take; the non-empty ones: a launch takes one kind."""
+        if self.state_dtype == "fp32" and self.bf16_update == "nearest":
+            # nothing to tell apart: spare a steady-state step the state pass
             if params:
-                yield params, grads, False
+                yield params, grads, False, "nearest"
             return
-        states = self._states_for(group, params)
-        quant = [absmax_key(key) in s for s in states]
-        for want in (False, True):
-            idx = [i for i, q in enumerate(quant) if q is want]
-            if idx:
-                yield [params[i] for i in idx], [grads[i] for i in idx], want
+        if self.state_dtype == "fp32":
+            quant = [False] * len(params)
+        else:
+            quant = [absmax_key(key) in s for s in self._states_for(group, params)]
+        modes = [self._rounding_mode(p) for p in params]
+        for kind in sorted(set(zip(quant, modes))):
+            idx = [i for i, k in enumerate(zip(quant, modes)) if k == kind]
+            yield [params[i] for i in idx], [grads[i] for i in idx], *kind
 
     @staticmethod
     def _with_absmax(keys: Sequence[str], quantized: bool) -> tuple[str, ...]:
@@ -498,6 +592,10 @@ class FusedOptimizer(Optimizer):
             for p, state in zip(params, states):
                 if not keys <= state.keys():
                     state.update(self._init_state(p, group))
+        if self.bf16_update != "nearest":
+            for p, state in zip(params, states):
+                if not self._rounding_keys(p) <= state.keys():
+                    state.update(self._rounding_state(p))
         return states
 
     @staticmethod
@@ -508,14 +606,19 @@ class FusedOptimizer(Optimizer):
         return {k: self._locals(s[k] for s in states) for k in keys}
 
     def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
-                      keys: Sequence[str], skip: torch.Tensor | None):
-        """Yield (params, grads, states, t) as local tensors for the families whose update depends on
-        the step count t. Host flow: the counts advance here and each distinct count is one bucket
-        (params whose grad was None on some steps lag). Device flow: one bucket, t being the list of
-        the (already advanced) device counters, read by the kernels."""
+                      keys: Sequence[str], skip: torch.Tensor | None, mode: str = "nearest"):
+        """Yield (params, grads, states, t, rounding) as local tensors for the families whose update
+        depends on the step count t (and any params under stochastic rounding, whose streams do).
+        Host flow: the counts advance here and each distinct count is one bucket (params whose grad
+        was None on some steps lag). Device flow: one bucket, t being the list of the (already
+        advanced) device counters, read by the kernels. ``mode``: the params' bf16 update mode;
+        ``rounding`` the functional call's keyword arguments for it, and Kahan's buffers join
+        ``keys``."""
         states = self._states_for(group, params)
+        keys = tuple(keys) + ((KAHAN_KEY,) if mode == "kahan" else ())
         if skip is not None:
-            yield self._locals(params), self._locals(grads), self._states_of(states, keys), [s["step"] for s in states]
+            yield (self._locals(params), self._locals(grads), self._states_of(states, keys),
+                   [s["step"] for s in states], self._rounding_kwargs(params, mode))
             return
         for t, idx in advance(states).items():
             yield (
@@ -523,6 +626,7 @@ class FusedOptimizer(Optimizer):
                 self._locals(grads[i] for i in idx),
                 self._states_of([states[i] for i in idx], keys),
                 t,
+                self._rounding_kwargs([params[i] for i in idx], mode),
             )
 
 

@@ -25,11 +25,29 @@ def check_k_alpha(k: Any, alpha: Any) -> None:
     _checks.in_unit_interval("alpha", alpha, closed=True)
 
 
-def slow_weights(param: torch.Tensor, optimizer: FusedOptimizer) -> dict[str, torch.Tensor]:
-    """Lookahead's state for a param: slow weights starting at the param's current value (the
-    paper's phi_0 = theta_0) and the count of optimizer steps taken since (a counter where the
-    optimizer keeps its step counters)."""
-    return {"slow_buffer": new_state_like(param, copy=True), "lookahead_step": optimizer._new_counter(param)}
+def slow_dtype_of(param: torch.Tensor, slow_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype of ``param``'s slow weights: ``slow_dtype``, or the param's own when None."""
+    return param.dtype if slow_dtype is None else slow_dtype
+
+
+def slow_weights(param: torch.Tensor, optimizer: FusedOptimizer, slow_dtype: torch.dtype | None = None
+                 ) -> dict[str, torch.Tensor]:
+    """Lookahead's state for a param: slow weights (in ``slow_dtype_of(param, slow_dtype)``) starting
+    at the param's current value (the paper's phi_0 = theta_0) and the count of optimizer steps taken
+    since (a counter where the optimizer keeps its step counters)."""
+    return {"slow_buffer": new_state_like(param, copy=True, dtype=slow_dtype_of(param, slow_dtype)),
+            "lookahead_step": optimizer._new_counter(param)}
+
+
+def slow_in_dtype(param: torch.Tensor, state: dict[str, torch.Tensor], slow_dtype: torch.dtype | None
+                  ) -> dict[str, torch.Tensor]:
+    """A loaded state with its slow weights in the dtype kept for them (a load restores state in
+    fp32: exact back to bf16/fp16 slow weights; an fp32 checkpoint's rounds to nearest)."""
+    slow = state.get("slow_buffer")
+    dtype = slow_dtype_of(param, slow_dtype)
+    if slow is None or slow.dtype == dtype:
+        return state
+    return {**state, "slow_buffer": slow.to(dtype)}
 
 
 def members(params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -47,6 +65,12 @@ def count_and_pick_due(states: Sequence[dict[str, torch.Tensor]], k: int) -> lis
 class Lookahead(Optimizer):
     r"""Every ``k`` steps of the wrapped optimizer: ``slow += alpha * (fast - slow); fast = slow``.
 
+    ``slow_dtype`` is the slow weights' dtype: None (default) keeps each param's own dtype (bf16
+    slow weights for bf16 params), or torch.float32/bfloat16/float16 (or "fp32"/"bf16"/"fp16") for
+    all. The sync computes in fp32 from the stored slow weights, stores them rounded to nearest, and
+    sets the params to the stored value, rounded to nearest (exact when the dtypes agree); it
+    leaves a ``bf16_update="kahan"`` compensation buffer as it is.
+
     ``alpha`` is the paper's step towards the fast weights (a text writing
     ``slow = a * slow + (1 - a) * fast`` means ``a = 1 - alpha``). ``k`` counts optimizer steps taken
     (a skipped non-finite step does not count), per param, so it does not drift when ZeRO-3 calls
@@ -55,12 +79,13 @@ class Lookahead(Optimizer):
     ``torch.distributed.checkpoint.state_dict`` work on it directly.
     """
 
-    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5) -> None:
+    def __init__(self, optimizer: Optimizer, k: int = 5, alpha: float = 0.5, *, slow_dtype=None) -> None:
         if not isinstance(optimizer, FusedOptimizer):
             raise ValueError(f"optimizer must be a dist_optim optimizer, got {type(optimizer).__name__}")
         if "k" in optimizer.defaults and "alpha" in optimizer.defaults:
             raise ValueError(f"optimizer {type(optimizer).__name__} already does Lookahead; wrap its base optimizer instead")
         check_k_alpha(k, alpha)
+        self.slow_dtype = _checks.slow_dtype(slow_dtype)
         # Optimizer.__init__ is not called: it would build param groups and state of its own, while
         # these must be the wrapped optimizer's. What it sets besides them is set here.
         self.optimizer = optimizer
@@ -116,7 +141,7 @@ class Lookahead(Optimizer):
         synced = [p for g in self.param_groups for p in members(g["params"])]
         # Slow weights are taken from the params before this step's update, but kept only if the
         # step is not skipped (a skipped step leaves the state as it was): the host flow decides that.
-        pending = {p: slow_weights(p, inner) for p in synced if "slow_buffer" not in self.state[p]}
+        pending = {p: slow_weights(p, inner, self.slow_dtype) for p in synced if "slow_buffer" not in self.state[p]}
         if pending:
             loss, skipped = inner._step(closure, grad_scale, host=True)
             if skipped:
@@ -142,7 +167,7 @@ class Lookahead(Optimizer):
         synced = [p for g in self.param_groups for p in members(g["params"])]
         for p in synced:
             if "slow_buffer" not in self.state[p]:
-                self.state[p].update(slow_weights(p, self.optimizer))
+                self.state[p].update(slow_weights(p, self.optimizer, self.slow_dtype))
         self.optimizer.compile_kernels()
         self._warm_sync(synced)
 
@@ -172,10 +197,13 @@ class Lookahead(Optimizer):
         )
 
     def _state_key_blocks(self, group: Mapping[str, Any]) -> list[frozenset[str]]:
-        return [LOOKAHEAD_KEYS, *self.optimizer._state_key_blocks(group)]
+        return [LOOKAHEAD_KEYS, *self.optimizer._load_key_blocks(group)]
+
+    def _stored_form(self, param: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.optimizer._stored_form(param, slow_in_dtype(param, state, self.slow_dtype))
 
     def memory_report(self):
-        """The wrapped optimizer's report (the state is shared: slow weights count as fp32)."""
+        """The wrapped optimizer's report (the state is shared: slow weights count by their dtype)."""
         return self.optimizer.memory_report()
 
     def state_dict(self) -> dict[str, Any]:
@@ -188,7 +216,7 @@ class Lookahead(Optimizer):
             state_dict,
             lambda sd: _state_dict.restore(
                 self, sd, self._state_key_blocks, self.optimizer._check_group, self.optimizer.counter_device,
-                self.optimizer._stored_form,
+                self._stored_form,
             ),
             owner=self.optimizer,
         )

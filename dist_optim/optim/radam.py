@@ -52,6 +52,8 @@ class RAdam(FusedOptimizer):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
         **extra_defaults: Any,
     ) -> None:
         defaults = dict(
@@ -60,7 +62,7 @@ class RAdam(FusedOptimizer):
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
 
     def _check_group(self, group):
@@ -87,7 +89,7 @@ class RAdam(FusedOptimizer):
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         hyper = self._radam_hyper(group, grad_scale, skip)
-        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "exp_avg"):
+        for qps, qgs, quantized, mode in self._by_state_dtype(group, params, grads, "exp_avg"):
             keys = self._with_absmax(("exp_avg", "exp_avg_sq"), quantized)
-            for ps, gs, states, t in self._step_buckets(group, qps, qgs, keys, skip):
-                radam_step(ps, gs, states, step=t, **hyper)
+            for ps, gs, states, t, rounding in self._step_buckets(group, qps, qgs, keys, skip, mode):
+                radam_step(ps, gs, states, step=t, **hyper, **rounding)

@@ -39,13 +39,15 @@ class RMSprop(FusedOptimizer):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum, centered=centered, maximize=maximize
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
 
     def _check_group(self, group):
@@ -67,11 +69,14 @@ class RMSprop(FusedOptimizer):
 
     def _update_group(self, group, params, grads, grad_scale, skip):
         keys = rmsprop_state_keys(group["momentum"], group["centered"])[1:]
-        # RMSprop's update does not depend on t; the count is kept for torch.optim compatibility.
-        for qps, qgs, quantized in self._by_state_dtype(group, params, grads, "square_avg"):
-            for ps, gs, states, _ in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized), skip):
+        # RMSprop's update does not depend on t (kept for torch.optim compatibility); stochastic
+        # rounding's streams do.
+        for qps, qgs, quantized, mode in self._by_state_dtype(group, params, grads, "square_avg"):
+            for ps, gs, states, t, rounding in self._step_buckets(group, qps, qgs, self._with_absmax(keys, quantized),
+                                                                  skip, mode):
                 rmsprop_step(
                     ps, gs, states, lr=group["lr"], alpha=group["alpha"], eps=group["eps"],
                     weight_decay=group["weight_decay"], momentum=group["momentum"], centered=group["centered"],
-                    grad_scale=grad_scale, skip=skip, backend=self.backend,
+                    grad_scale=grad_scale, skip=skip, step=t if mode == "stochastic" else None, backend=self.backend,
+                    **rounding,
                 )

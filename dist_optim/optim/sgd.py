@@ -7,7 +7,7 @@ from typing import Any
 from .. import _checks
 from ..functional import sgd_step
 from ..state.layout import absmax_key
-from .base import FusedOptimizer
+from .base import KAHAN_KEY, FusedOptimizer, advance
 
 _MOMENTUM_KEYS = frozenset({"momentum_buffer"})
 
@@ -40,14 +40,18 @@ class SGD(FusedOptimizer):
         process_group: Any = None,
         capturable: bool = False,
         state_dtype: str = "fp32",
+        bf16_update: str = "nearest",
+        rounding_seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, maximize=maximize
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
-            capturable=capturable, state_dtype=state_dtype,
+            capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
+
+    _KEEPS_STEP = False  # a "step" counter only for bf16 params under bf16_update="stochastic"
 
     def _check_group(self, group):
         _checks.non_negative("lr", group["lr"])
@@ -72,24 +76,42 @@ class SGD(FusedOptimizer):
             weight_decay=group["weight_decay"], nesterov=group["nesterov"], grad_scale=grad_scale, skip=skip,
             backend=self.backend,
         )
-        if group["momentum"] == 0:
-            if not params:
-                return
-            sgd_step(self._locals(params), self._locals(grads), {}, first_step=False, **hyper)
+        has_momentum = group["momentum"] != 0
+        if not has_momentum and self.bf16_update == "nearest":
+            if params:
+                sgd_step(self._locals(params), self._locals(grads), {}, first_step=False, **hyper)
             return
         # A fresh momentum buffer takes the first gradient as it is (torch.optim.SGD), so fresh and
-        # running buffers go in separate calls.
-        fresh = ["momentum_buffer" not in self.state[p] or id(p) in self._prebuilt for p in params]
+        # running buffers go in separate calls; so do int8 and fp32 buffers, and bf16 update modes.
+        fresh = [has_momentum and ("momentum_buffer" not in self.state[p] or id(p) in self._prebuilt) for p in params]
         states = self._states_for(group, params)
         int8 = self.state_dtype == "int8"
         quantized = [int8 and absmax_key("momentum_buffer") in s for s in states]
-        for first, quant in ((True, False), (False, False), (True, True), (False, True)):
-            idx = [i for i, (f, q) in enumerate(zip(fresh, quantized)) if f is first and q is quant]
-            if idx:
+        modes = [self._rounding_mode(p) for p in params]
+        kinds = list(zip(fresh, quantized, modes))
+        for first, quant, mode in sorted(set(kinds), key=lambda k: (not k[0], k[1], k[2])):
+            idx = [i for i, kind in enumerate(kinds) if kind == (first, quant, mode)]
+            keys = self._with_absmax(("momentum_buffer",), quant) if has_momentum else ()
+            keys += (KAHAN_KEY,) if mode == "kahan" else ()
+            for sel, step in self._sgd_steps(idx, states, mode, skip):
                 sgd_step(
-                    self._locals(params[i] for i in idx),
-                    self._locals(grads[i] for i in idx),
-                    self._states_of([states[i] for i in idx], self._with_absmax(("momentum_buffer",), quant)),
+                    self._locals(params[i] for i in sel),
+                    self._locals(grads[i] for i in sel),
+                    self._states_of([states[i] for i in sel], keys),
                     first_step=first,
+                    step=step,
+                    **self._rounding_kwargs([params[i] for i in sel], mode),
                     **hyper,
                 )
+
+    def _sgd_steps(self, idx, states, mode, skip):
+        """(indices, step) per call: the stochastic-rounding params' counters advance here in the
+        host flow (one call per count) or were advanced on the device (their counters); other
+        params need no count."""
+        if mode != "stochastic":
+            yield idx, None
+        elif skip is not None:
+            yield idx, [states[i]["step"] for i in idx]
+        else:
+            for t, sub in advance([states[i] for i in idx]).items():
+                yield [idx[j] for j in sub], t

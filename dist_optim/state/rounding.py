@@ -121,3 +121,9 @@ def kahan_add_bf16(p: torch.Tensor, comp: torch.Tensor, delta: torch.Tensor) -> 
     new = round_nearest_bf16(p32 + y)
     residual = y - (new.float() - p32)
     return new, round_nearest_bf16(residual)
+
+
+def element_indices(t: torch.Tensor) -> torch.Tensor:
+    """Each element's int64 index in row-major order over ``t`` (the local tensor an update
+    writes), shaped like ``t``: the ``offset`` of ``stochastic_round_bf16`` for a whole tensor."""
+    return torch.arange(t.numel(), dtype=torch.int64, device=t.device).reshape(t.shape)
