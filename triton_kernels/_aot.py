@@ -111,12 +111,15 @@ def describe(spec: dict) -> str:
         if name in ("CHUNK", "BLOCK"):
             continue
         if isinstance(value, dict):
-            parts.append(value["__dtype__"])
+            if name in ("P_DTYPE", "G_DTYPE"):
+                parts.append(value["__dtype__"])
+            elif value["__dtype__"] != "fp32":  # another role's dtype (SLOW_DTYPE), named when not the default
+                parts.append(f"{name}={value['__dtype__']}")
         elif name == "HAS_SKIP":
             continue
         elif value is True:
             parts.append(name)
-        elif value is not False:
+        elif value is not False and value != 0:  # ROUNDING=0 (nearest) is every kernel's default
             parts.append(f"{name}={value}")
     device_values = [n for n, t in spec["signature"].items() if t.startswith("*") and n.islower()]
     if device_values:  # hyperparameters read from device tensors, and a skip flag

@@ -24,7 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from ._quant import dequantize_tile, quantize_tile
+from ._quant import dequantize_tile, fmix32, quantize_tile, round_nearest_bf16, stochastic_round_bf16
 
 ALIGN: tl.constexpr = tl.constexpr(16)  # bytes; _multi_tensor.ALIGN decides which chunks are fast
 
@@ -78,6 +78,77 @@ def lerp(start, end, weight, LOW: tl.constexpr):
 
 
 @triton.jit
+def to_dtype(x, DTYPE: tl.constexpr):
+    """fp32 ``x`` rounded to nearest (even) in DTYPE. bf16 goes through the bits: the GPU's own
+    conversion, and also what the interpreter computes (its own conversion truncates)."""
+    if DTYPE == tl.bfloat16:
+        return round_nearest_bf16(x)
+    else:
+        return x.to(DTYPE)
+
+
+# ---------------------------------------------------------------------------------------------
+# The param store of every update kernel: the fp32 result ``x`` rounded into the param's dtype.
+# ROUNDING (dist_optim.state.rounding; the launcher passes 0 unless the params are bf16):
+#   0 nearest: to_dtype(x)
+#   1 stochastic: stochastic_round_bf16(x, stream, index), index the element's int64 index in its
+#     tensor, stream = fmix32(base ^ fmix32(t)) of the tensor's base (an int64 table entry) and its
+#     step count t (from the STEPS counters in the device flow, the launcher's sr_step otherwise)
+#   2 kahan: (p, comp) = kahan_add_bf16(p_old, comp, x - p_old) with comp a bf16 state tile
+# ``rounding`` bundles what a tile's store needs: (stream, chunk start, comp pointer).
+
+
+@triton.jit
+def rounding_of(SEEDS, STEPS, COMP, t, start, sr_step, ROUNDING: tl.constexpr, FROM_STEPS: tl.constexpr,
+                ALIGNED: tl.constexpr):
+    """``rounding`` of tensor t's chunk at element ``start``; the comp pointer carries the chunk's
+    alignment hint when ALIGNED (a fast chunk)."""
+    if ROUNDING == 1:
+        base = tl.load(chunk_base(SEEDS, t, 0, tl.int64))
+        if FROM_STEPS:
+            step = step_count(STEPS, t).to(tl.int64)
+        else:
+            step = tl.to_tensor(sr_step).to(tl.int64)
+        step32 = (step & 0xFFFFFFFF).to(tl.uint32)
+        stream = fmix32((base & 0xFFFFFFFF).to(tl.uint32) ^ fmix32(step32))
+    else:
+        stream = tl.full([], 0, tl.uint32)
+    if ROUNDING == 2:
+        if ALIGNED:
+            comp = aligned_base(COMP, t, start, tl.bfloat16)
+        else:
+            comp = chunk_base(COMP, t, start, tl.bfloat16)
+    else:
+        comp = COMP
+    return stream, start, comp
+
+
+@triton.jit
+def round_param(x, p_old, offs, mask, rounding, P_DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """(new param tile in P_DTYPE, new comp tile, old comp tile) of the fp32 result ``x``; the comp
+    tiles are bf16 under kahan and 0 otherwise. ``p_old``: the fp32 value of the param before the step."""
+    stream, start, comp_ptr = rounding
+    if ROUNDING == 1:
+        return stochastic_round_bf16(x, stream, start + offs), 0, 0
+    elif ROUNDING == 2:
+        comp = tl.load(comp_ptr + offs, mask=mask)
+        y = (x - p_old) + comp.to(tl.float32)
+        new = round_nearest_bf16(p_old + y)
+        return new, round_nearest_bf16(y - (new.to(tl.float32) - p_old)), comp
+    else:
+        return to_dtype(x, P_DTYPE), 0, 0
+
+
+@triton.jit
+def store_param(p_ptr, x, p_old, offs, mask, rounding, P_DTYPE: tl.constexpr, ROUNDING: tl.constexpr):
+    """Store the fp32 result ``x`` into the param (and its Kahan buffer) as ROUNDING says."""
+    new, comp, _ = round_param(x, p_old, offs, mask, rounding, P_DTYPE, ROUNDING)
+    tl.store(p_ptr + offs, new, mask=mask)
+    if ROUNDING == 2:
+        tl.store(rounding[2] + offs, comp, mask=mask)
+
+
+@triton.jit
 def load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, COUPLED_WD: tl.constexpr):
     """fp32 param and scaled grad, with coupled (L2) weight decay added to the grad when asked."""
     p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
@@ -92,16 +163,18 @@ def moments(p_ptr, g_ptr, m_ptr, v_ptr, offs, mask, lr, beta1, beta2, weight_dec
             HAS_WD: tl.constexpr, DECOUPLED: tl.constexpr, LERP_LOW: tl.constexpr,
             ma_ptr, va_ptr, q, QUANT: tl.constexpr, QBLOCK: tl.constexpr):
     """Adam's and RAdam's shared part: weight decay, m = lerp(m, g, 1 - beta1), v = beta2 v +
-    (1 - beta2) g^2; stores m and v, returns (p, m, v) in fp32. QUANT: m and v are int8 state
-    (codes at m_ptr/v_ptr, absmax at ma_ptr/va_ptr; ``q`` as for ``load_state``)."""
-    p, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD and not DECOUPLED)
+    (1 - beta2) g^2; stores m and v, returns (p_old, p, m, v) in fp32: the param as loaded (what a
+    Kahan store needs) and after decoupled weight decay. QUANT: m and v are int8 state (codes at
+    m_ptr/v_ptr, absmax at ma_ptr/va_ptr; ``q`` as for ``load_state``)."""
+    p_old, g = load_param_and_grad(p_ptr, g_ptr, offs, mask, grad_scale, weight_decay, HAS_WD and not DECOUPLED)
+    p = p_old
     if HAS_WD and DECOUPLED:
         p = p * (1.0 - lr * weight_decay)
     m = lerp(load_state(m_ptr, ma_ptr, offs, mask, q, True, QUANT, QBLOCK), g, 1.0 - beta1, LERP_LOW)
     v = load_state(v_ptr, va_ptr, offs, mask, q, False, QUANT, QBLOCK) * beta2 + (1.0 - beta2) * (g * g)
     store_state(m_ptr, ma_ptr, m, offs, mask, q, True, QUANT, QBLOCK)
     store_state(v_ptr, va_ptr, v, offs, mask, q, False, QUANT, QBLOCK)
-    return p, m, v
+    return p_old, p, m, v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections import OrderedDict, defaultdict
 from operator import attrgetter
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -63,12 +64,15 @@ _numel, _data_ptr, _is_contiguous = torch.Tensor.numel, torch.Tensor.data_ptr, t
 _dtype, _device = attrgetter("dtype"), attrgetter("device")
 
 
-def check(name: str, reference: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, fp32: bool) -> None:
+def check(name: str, reference: Sequence[torch.Tensor], tensors: Sequence[torch.Tensor], *, fp32: bool,
+          dtypes: tuple = (torch.float32,)) -> None:
+    """Same count, sizes and device as ``reference``, contiguous; with ``fp32``, of one of ``dtypes``
+    (the state dtypes a role may hold: fp32, or fp32/bf16/fp16 for slow weights)."""
     # The usual case in C-level passes (a step checks its grads every call); the loop below finds
     # and names the offending tensor otherwise.
     if (len(tensors) == len(reference) and list(map(_numel, tensors)) == list(map(_numel, reference))
             and all(map(_is_contiguous, tensors)) and len(devices := set(map(_device, tensors))) <= 1
-            and devices == set(map(_device, reference)) and (not fp32 or set(map(_dtype, tensors)) <= {torch.float32})):
+            and devices == set(map(_device, reference)) and (not fp32 or set(map(_dtype, tensors)) <= set(dtypes))):
         return
     if len(tensors) != len(reference):
         raise ValueError(f"{name}: {len(tensors)} tensors for {len(reference)} params")
@@ -79,8 +83,9 @@ def check(name: str, reference: Sequence[torch.Tensor], tensors: Sequence[torch.
             raise ValueError(f"{name}[{i}] is on {t.device}, its param on {r.device}")
         if not t.is_contiguous():
             raise ValueError(f"{name}[{i}] is not contiguous")
-        if fp32 and t.dtype != torch.float32:
-            raise ValueError(f"{name}[{i}] is {t.dtype}; optimizer state must be fp32")
+        if fp32 and t.dtype not in dtypes:
+            allowed = "fp32" if dtypes == (torch.float32,) else "one of " + ", ".join(map(str, dtypes))
+            raise ValueError(f"{name}[{i}] is {t.dtype}; optimizer state must be {allowed}")
 
 
 def check_counters(name: str, reference: Sequence[torch.Tensor], counters: Sequence[torch.Tensor]) -> None:
@@ -257,6 +262,91 @@ def exact(value) -> float:
     return 0.0 if isinstance(value, torch.Tensor) else float(value)
 
 
+# ---------------------------------------------------------------------------------------------
+# bf16 param stores (dist_optim.state.rounding; the kernels' side is _jit.store_param).
+
+ROUNDING_MODES = ("nearest", "stochastic", "kahan")
+SLOW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class Rounding(NamedTuple):
+    """How a launch stores bf16 params: ``mode`` 0 nearest, 1 stochastic, 2 kahan; ``comp`` the
+    Kahan buffers (kahan), ``seeds`` one 0-dim int64 stream base per param and ``sr_step`` the host
+    flow's step count (stochastic; ``steps`` set instead: each tensor's count from its counter)."""
+
+    mode: int = 0
+    comp: Sequence | None = None
+    seeds: Sequence | None = None
+    sr_step: int = 0
+    from_steps: bool = False
+
+
+NEAREST = Rounding()
+
+
+def rounding(bf16_update: str, states: Mapping[str, Sequence[torch.Tensor]], sr_seeds, sr_step, steps) -> Rounding:
+    """A launcher's rounding arguments, checked: ``bf16_update`` one of ROUNDING_MODES; with
+    "stochastic", ``sr_seeds`` and exactly one of ``sr_step`` (int) and ``steps`` (counters); with
+    "kahan", ``states["kahan_comp"]``. Entries for params that are not bf16 are never read (may be None)."""
+    if bf16_update not in ROUNDING_MODES:
+        raise ValueError(f"Invalid bf16_update: {bf16_update!r} (must be one of {', '.join(map(repr, ROUNDING_MODES))})")
+    if bf16_update == "nearest":
+        return NEAREST
+    if bf16_update == "kahan":
+        if "kahan_comp" not in states:
+            raise ValueError('bf16_update="kahan" needs the bf16 buffers in states["kahan_comp"]')
+        return Rounding(2, comp=states["kahan_comp"])
+    if sr_seeds is None:
+        raise ValueError('bf16_update="stochastic" needs sr_seeds (one 0-dim int64 tensor per param)')
+    if (sr_step is None) == (steps is None):
+        raise ValueError('bf16_update="stochastic" takes its step count from sr_step (host flow) or steps= '
+                         f'(device flow), exactly one of them; got sr_step={sr_step!r} and steps='
+                         f'{"None" if steps is None else "counters"}')
+    if sr_step is not None and (isinstance(sr_step, bool) or not isinstance(sr_step, int) or sr_step < 0):
+        raise ValueError(f"Invalid sr_step: {sr_step!r} (must be a non-negative int)")
+    return Rounding(1, seeds=sr_seeds, sr_step=0 if sr_step is None else sr_step, from_steps=steps is not None)
+
+
+def _filled(role: Sequence, params: Sequence[torch.Tensor]) -> Sequence:
+    # An entry a kernel never reads (a param that is not bf16) may be None: its param stands in.
+    if not any(map(_is_none, role)):
+        return role
+    return [p if r is None else r for r, p in zip(role, params)]
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def check_rounding(r: Rounding, params: Sequence[torch.Tensor]) -> None:
+    """The Kahan buffers and seeds of the bf16 params."""
+    if r.mode == 0:
+        return
+    role = r.comp if r.mode == 2 else r.seeds
+    name = "kahan_comp" if r.mode == 2 else "sr_seeds"
+    if len(role) != len(params):
+        raise ValueError(f"{name}: {len(role)} tensors for {len(params)} params")
+    for i, (p, x) in enumerate(zip(params, role)):
+        if p.dtype != torch.bfloat16 or p.numel() == 0:
+            continue
+        if not isinstance(x, torch.Tensor) or x.device != p.device:
+            raise ValueError(f"{name}[{i}] must be a tensor on {p.device}, got {type(x).__name__}")
+        if r.mode == 2 and (x.dtype != torch.bfloat16 or x.numel() != p.numel() or not x.is_contiguous()):
+            raise ValueError(f"kahan_comp[{i}] must be a contiguous bf16 tensor of {p.numel()} elements, got "
+                             f"{x.dtype} {tuple(x.shape)}")
+        if r.mode == 1 and (x.dtype != torch.int64 or x.numel() != 1):
+            raise ValueError(f"sr_seeds[{i}] must be a one-element int64 tensor, got {x.dtype} {tuple(x.shape)}")
+
+
+def slow_dtype(slow: Sequence[torch.Tensor], idx: Sequence[int]) -> torch.dtype:
+    """The one dtype of a bucket's slow weights (fp32, bf16 or fp16)."""
+    dtypes = set(map(_dtype, slow)) if len(idx) == len(slow) else {slow[i].dtype for i in idx}
+    if len(dtypes) != 1 or not dtypes <= set(SLOW_DTYPES):
+        raise ValueError(f"slow weights of one launch bucket must share one dtype of fp32, bf16, fp16; got "
+                         f"{sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
 def absmax_roles(states: Mapping[str, Sequence[torch.Tensor]], keys: Sequence[str | None]) -> list:
     """Per state role, its int8 absmax tensors (``<key>_absmax``, dist_optim.state.layout) or None
     for an fp32 role or an absent one."""
@@ -301,7 +391,8 @@ def check_int8(name: str, reference: Sequence[torch.Tensor], codes: Sequence[tor
 def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None], scalars: Sequence,
            compile_only: bool = False, skip: torch.Tensor | None = None,
            counters: Mapping[str, Sequence[torch.Tensor] | None] | None = None,
-           absmax: Sequence[Sequence[torch.Tensor] | None] | None = None, **constexprs) -> None:
+           absmax: Sequence[Sequence[torch.Tensor] | None] | None = None, rounding: Rounding | None = None,
+           slow_role: int | None = None, **constexprs) -> None:
     """Run an update kernel ``kernel[(chunks,)](P, G, *states, *COUNTERS, CHUNKS, SKIP, *scalars, ...)``
     once per bucket. ``states`` and ``counters`` entries may be None (the kernel's switches say they
     are absent). ``counters``: per-tensor roles by name, in the kernel's order, each one one-element
@@ -315,10 +406,19 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
     state, or the per-block absmax of int8 state (the role's tensors then being uint8 codes). Such a
     kernel takes the absmax tables after the states and the code tables after SKIP, with constexprs
     QUANT and QBLOCK; its quantized variant runs tiles of max(BLOCK, QBLOCK) so that a tile holds
-    whole quantization blocks (only the interpreter's BLOCK is smaller than QBLOCK)."""
+    whole quantization blocks (only the interpreter's BLOCK is smaller than QBLOCK).
+
+    ``rounding`` (update kernels with a param store, _jit.store_param): the kernel takes COMP (the
+    Kahan buffers, an element-wise role) right after the states, SEEDS after the counters, the int
+    ``sr_step`` after the scalars, and constexprs ROUNDING (0 for a bucket whose params are not bf16)
+    and SR_STEPS. ``slow_role``: the index of the state role holding slow weights, which may be
+    fp32, bf16 or fp16 (one dtype per bucket, the constexpr SLOW_DTYPE)."""
     counters = counters or {}
     quant = absmax is not None and any(a is not None for a in absmax)
     qblock = quant_block() if absmax is not None else 0
+    rounded = rounding is not None and rounding.mode != 0
+    comp = _filled(rounding.comp, params) if rounded and rounding.comp is not None else None
+    seeds = _filled(rounding.seeds, params) if rounded and rounding.seeds is not None else None
 
     def validate() -> None:
         for i, s in enumerate(states):
@@ -327,22 +427,27 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
             if absmax is not None and absmax[i] is not None:
                 check_int8("state", params, s, absmax[i], qblock)
             else:
-                check("state", params, s, fp32=True)
+                check("slow weights" if i == slow_role else "state", params, s, fp32=True,
+                      dtypes=SLOW_DTYPES if i == slow_role else (torch.float32,))
         for name, c in counters.items():
             if c is not None:
                 check_counters(name, params, c)
+        if rounded:
+            check_rounding(rounding, params)
 
     if absmax is not None:
         if len(absmax) != len(states):
             raise ValueError(f"absmax: {len(absmax)} entries for {len(states)} state roles")
-    roles = [params, grads, *states, *(absmax or ()), *counters.values()]
+    extra_roles = [comp] if rounding is not None else []
+    roles = [params, grads, *states, *extra_roles, *(absmax or ()), *counters.values(),
+             *([seeds] if rounding is not None else [])]
     if any(role is not None and len(role) != len(params) for role in roles):  # tables pair them by index
         validate()
     # Grads are checked on every call: a new grad may sit at a cached grad's address with another
     # layout (a transposed view), which the table key cannot see. States and counters are ours and
     # keep their storage; they are checked when a table is built.
     check("grads", params, grads, fp32=False)
-    elementwise = 2 + len(states)
+    elementwise = 2 + len(states) + len(extra_roles)
     for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
         ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
@@ -354,6 +459,13 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
             if quant:
                 block, warps = max(BLOCK, qblock), QUANT_NUM_WARPS
             extra = dict(QUANT=quant, QBLOCK=qblock)
+        if rounding is not None:
+            mode = rounding.mode if p_dtype == torch.bfloat16 else 0
+            values.append(rounding.sr_step)
+            extra.update(ROUNDING=mode, SR_STEPS=mode == 1 and rounding.from_steps)
+        if slow_role is not None:
+            slow = states[slow_role]
+            extra["SLOW_DTYPE"] = tl_dtype(torch.float32 if slow is None else slow_dtype(slow, idx))
         _launch.run(
             kernel, (n,), device, *ptrs, chunks, chunks if flag is None else flag, *maps, *values,
             compile_only=compile_only, P_DTYPE=tl_dtype(p_dtype), G_DTYPE=tl_dtype(g_dtype), CHUNK=CHUNK, BLOCK=block,
