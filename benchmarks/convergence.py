@@ -4,6 +4,7 @@
 - a classifier on scikit-learn's bundled handwritten digits (shipped inside the package, no download).
 
     python benchmarks/convergence.py [--seeds 3] [--out benchmarks/results] [--state-dtype int8]
+    python benchmarks/convergence.py --bf16-update stochastic,nearest,kahan [--optimizers adamw,ranger]
 
 Claims checked (verdicts are computed from the numbers, never written by hand):
 1. Adam makes faster early progress than SGD.
@@ -16,6 +17,11 @@ Claims checked (verdicts are computed from the numbers, never written by hand):
 optimizer's final losses with the fp32 run's results in ``--out`` (convergence.json): the int8 run
 is within the fp32 run's seed spread when the difference of the seed means is at most the fp32
 seed std (results in convergence_int8.md/.json; the lr sweep is not rerun).
+
+``--bf16-update MODES`` trains with the weights themselves in bf16 (no fp32 master copy: the
+optimizer reads and writes bf16 params, its moments stay fp32) once per rounding mode, and compares
+each with the fp32 run in the same way (convergence_bf16.md/.json). ``nearest`` shows what plain
+round-to-nearest loses; ``stochastic`` and ``kahan`` are what pure-bf16 training should use.
 """
 
 from __future__ import annotations
@@ -61,31 +67,37 @@ def digits(seed: int):
 COMMON: dict = {}
 
 
+# The weights' dtype (``--bf16-update``: bf16, built in fp32 from the seed and then cast, so that both
+# runs start from the same rounded weights' neighbourhood).
+WEIGHTS = {"dtype": torch.float32}
+
+
 def train_digits(name: str, lr: float, extra: dict, seed: int, steps: int = 500, warmup: int = 0):
     (x, y), (xt, yt) = digits(seed)
+    x, xt = x.to(WEIGHTS["dtype"]), xt.to(WEIGHTS["dtype"])
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10)).to(WEIGHTS["dtype"])
     opt = build_optimizer(name, net.parameters(), lr=lr, backend="torch", **extra, **COMMON)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     for _ in range(steps):
         idx = torch.randint(0, len(x), (32,), generator=gen)
-        loss = F.cross_entropy(net(x[idx]), y[idx])
+        loss = F.cross_entropy(net(x[idx]).float(), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
     with torch.no_grad():
-        test_loss = float(F.cross_entropy(net(xt), yt))
+        test_loss = float(F.cross_entropy(net(xt).float(), yt))
         acc = float((net(xt).argmax(1) == yt).float().mean())
     return dict(losses=losses, test_loss=test_loss, test_acc=acc)
 
 
 def train_lm(name: str, lr: float, extra: dict, seed: int, corpus: Corpus, steps: int = 400):
     torch.manual_seed(seed)
-    net = TinyGPT(VOCAB, 64, dim=64, layers=2, heads=4)
+    net = TinyGPT(VOCAB, 64, dim=64, layers=2, heads=4).to(WEIGHTS["dtype"])
     opt = build_optimizer(name, net.parameters(), lr=lr, backend="torch", **extra, **COMMON)
     losses = []
     for step in range(steps):
@@ -182,25 +194,51 @@ def markdown(res: dict) -> str:
 
 
 def int8_markdown(res: dict, fp32: dict) -> str:
-    lines = [f"# Convergence with int8 optimizer state ({res['seeds']} seeds, CPU)", "",
-             "Each optimizer's final train loss (mean of the last 20 steps, mean ± std over seeds) with int8 "
+    intro = ("Each optimizer's final train loss (mean of the last 20 steps, mean ± std over seeds) with int8 "
              "state against the fp32 run of convergence.md, same seeds and data. Within spread: |int8 mean - "
              "fp32 mean| <= the fp32 seed std. int8 state covers the weights of at least 4096 elements "
              "(dist_optim.state.MIN_QUANTIZED_NUMEL): the digits net's first layer (64 x 64), the char-LM's "
              "embedding, attention and MLP matrices; biases, norms and the digits net's last layer keep fp32. "
-             "Plain SGD keeps no state, so its rows are the fp32 run's.", ""]
+             "Plain SGD keeps no state, so its rows are the fp32 run's.")
+    return against_fp32(f"# Convergence with int8 optimizer state ({res['seeds']} seeds, CPU)", intro,
+                        {"int8": res}, fp32)
+
+
+def bf16_markdown(by_mode: dict, fp32: dict, seeds: int) -> str:
+    intro = ("Each optimizer's final train loss (mean of the last 20 steps, mean ± std over seeds) with the "
+             "weights in bf16 and no fp32 master copy, per rounding mode of the update (`bf16_update`), against "
+             "the fp32-weights run of convergence.md, same seeds and data; moments are fp32 in both. Within "
+             "spread: |bf16 mean - fp32 mean| <= the fp32 seed std. The forward and backward passes also run "
+             "in bf16, so part of any gap is the model's arithmetic, not the optimizer's rounding.")
+    return against_fp32(f"# Convergence with bf16 weights ({seeds} seeds, CPU)", intro, by_mode, fp32)
+
+
+def against_fp32(title: str, intro: str, by_variant: dict, fp32: dict) -> str:
+    """One table per task: each variant's final and test losses against the fp32 run's."""
+    lines = [title, "", intro, ""]
     for task in ("digits", "char-lm"):
-        lines += [f"## {task}", "", "| optimizer | fp32 final loss | int8 final loss | difference | within spread | "
-                  "int8 test loss | fp32 test loss |", "|---|---:|---:|---:|---|---:|---:|"]
-        for label, s in res[task].items():
-            f = fp32[task][label]
-            diff = s["final_loss"] - f["final_loss"]
-            ok = abs(diff) <= f["final_loss_std"]
-            lines.append(f"| {label} | {f['final_loss']:.3f} ± {f['final_loss_std']:.3f} | {s['final_loss']:.3f} ± "
-                         f"{s['final_loss_std']:.3f} | {diff:+.4f} | {'yes' if ok else 'no'} | {s['test_loss']:.3f} | "
-                         f"{f['test_loss']:.3f} |")
+        lines += [f"## {task}", "", "| optimizer | variant | fp32 final loss | final loss | difference | within spread | "
+                  "test loss | fp32 test loss |", "|---|---|---:|---:|---:|---|---:|---:|"]
+        for variant, res in by_variant.items():
+            for label, s in res[task].items():
+                f = fp32[task][label]
+                diff = s["final_loss"] - f["final_loss"]
+                ok = abs(diff) <= f["final_loss_std"]
+                lines.append(f"| {label} | {variant} | {f['final_loss']:.3f} ± {f['final_loss_std']:.3f} | "
+                             f"{s['final_loss']:.3f} ± {s['final_loss_std']:.3f} | {diff:+.4f} | {'yes' if ok else 'no'} | "
+                             f"{s['test_loss']:.3f} | {f['test_loss']:.3f} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def run_tasks(labels, seeds, corpus, began) -> dict:
+    res: dict = {"seeds": len(seeds), "digits": {}, "char-lm": {}, "lr_sweep": {}}
+    for label in labels:
+        name, lr, extra = CONFIGS[label]
+        res["digits"][label] = summarise([train_digits(name, lr, extra, s) for s in seeds], target=0.3)
+        res["char-lm"][label] = summarise([train_lm(name, lr, extra, s, corpus) for s in seeds], target=3.0)
+        print(f"{label}: done ({time.time() - began:.0f} s)")
+    return res
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,25 +246,43 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--state-dtype", default="fp32", choices=("fp32", "int8"))
+    parser.add_argument("--bf16-update", default=None, help="comma-separated modes: nearest, stochastic, kahan")
+    parser.add_argument("--optimizers", default=None, help="comma-separated labels (default: all; adamw,ranger "
+                        "with --bf16-update)")
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    reference = out / "convergence.json"
+    variant = args.state_dtype == "int8" or args.bf16_update is not None
+    if variant and not reference.is_file():
+        parser.error(f"--state-dtype int8 and --bf16-update compare with the fp32 results, {reference}: run "
+                     "without them first")
     if args.state_dtype == "int8":
         COMMON["state_dtype"] = "int8"
-        reference = Path(args.out) / "convergence.json"
-        if not reference.is_file():
-            parser.error(f"--state-dtype int8 compares with the fp32 results, {reference}: run without it first")
+    modes = [m.strip() for m in (args.bf16_update or "").split(",") if m.strip()]
+    default_labels = "adamw,ranger" if modes else ",".join(CONFIGS)
+    labels = [x.strip() for x in (args.optimizers or default_labels).split(",") if x.strip()]
+    for label in labels:
+        if label not in CONFIGS:
+            parser.error(f"--optimizers: {label!r} is not one of {', '.join(CONFIGS)}")
     if args.seeds < 3:
         parser.error("--seeds must be >= 3 (seed-to-seed spread is part of the evidence)")
     torch.set_num_threads(1)
     seeds = list(range(args.seeds))
     began = time.time()
     corpus = Corpus.load(None, 1_000_000)
-    res: dict = {"seeds": args.seeds, "digits": {}, "char-lm": {}, "lr_sweep": {}}
-    for label, (name, lr, extra) in CONFIGS.items():
-        res["digits"][label] = summarise([train_digits(name, lr, extra, s) for s in seeds], target=0.3)
-        res["char-lm"][label] = summarise([train_lm(name, lr, extra, s, corpus) for s in seeds], target=3.0)
-        print(f"{label}: done ({time.time() - began:.0f} s)")
+    if modes:
+        WEIGHTS["dtype"] = torch.bfloat16
+        by_mode = {}
+        for mode in modes:
+            COMMON["bf16_update"] = mode
+            by_mode[f"bf16 {mode}"] = run_tasks(labels, seeds, corpus, began)
+        (out / "convergence_bf16.json").write_text(json.dumps(by_mode, indent=1, default=str))
+        text = bf16_markdown(by_mode, json.loads(reference.read_text()), args.seeds)
+        (out / "convergence_bf16.md").write_text(text)
+        print(text)
+        return
+    res = run_tasks(labels, seeds, corpus, began)
     if args.state_dtype == "int8":
-        out = Path(args.out)
         (out / "convergence_int8.json").write_text(json.dumps(res, indent=1, default=str))
         text = int8_markdown(res, json.loads(reference.read_text()))
         (out / "convergence_int8.md").write_text(text)
@@ -237,7 +293,6 @@ def main(argv: list[str] | None = None) -> None:
             str(lr): summarise([train_digits(opt, lr, {}, s) for s in seeds], target=0.3) for lr in LR_SWEEP
         }
     res["verdicts"] = verdicts(res)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "convergence.json").write_text(json.dumps(res, indent=1, default=str))
     (out / "convergence.md").write_text(markdown(res))
