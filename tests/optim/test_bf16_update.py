@@ -443,3 +443,45 @@ def test_bad_bf16_update_or_seed_is_a_value_error(name):
         with pytest.raises(ValueError, match="rounding_seed"):
             factory(params, rounding_seed=seed)
     factory(params, rounding_seed=2**64 - 1)
+
+
+# --- what kernel modules are sent -------------------------------------------------------------------
+
+@pytest.mark.skipif(not triton_kernels.supports(torch.device("cpu")), reason="needs the Triton interpreter")
+@pytest.mark.parametrize("listed", [True, False])
+def test_kernels_get_the_contracts_arguments_only_for_modes_they_list(monkeypatch, listed):
+    """A kernel module listing the modes (ROUNDING_MODES) gets bf16 calls with bf16_update, the
+    stream bases as 0-dim int64 tensors, and t: ``sr_step`` in the host flow, the advanced counters
+    (``steps``) in the device flow; a module that does not list them is not called for bf16 params
+    (the torch path runs them), and fp32 params reach it with no rounding arguments."""
+    calls = []
+
+    def recorder(params, grads, states, **kw):
+        calls.append((params[0].dtype, kw))
+
+    if listed:
+        monkeypatch.setattr(triton_kernels, "ROUNDING_MODES", MODES, raising=False)
+    else:
+        monkeypatch.delattr(triton_kernels, "ROUNDING_MODES", raising=False)
+    monkeypatch.setattr(triton_kernels, "sgd_step", recorder)
+    p = torch.full((8,), 1.5, dtype=torch.bfloat16, requires_grad=True)
+    q = torch.zeros(8, requires_grad=True)
+    opt = dist_optim.SGD([q, p], lr=0.1, bf16_update="stochastic", rounding_seed=3, backend="triton")
+    for _ in range(2):  # a host-flow step (it builds the counter), then a device-flow one
+        p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+        opt.step()
+    fp32 = [kw for dtype, kw in calls if dtype == torch.float32]
+    assert fp32 and all("bf16_update" not in kw for kw in fp32)
+    bf16 = [kw for dtype, kw in calls if dtype == torch.bfloat16]
+    if not listed:
+        assert not bf16 and not torch.equal(p.detach(), torch.full_like(p, 1.5))  # the torch path stepped it
+        return
+    base = rounding.param_base(3, 1, 0)
+    assert bf16 and all(kw["bf16_update"] == "stochastic" and [int(s) for s in kw["sr_seeds"]] == [base]
+                        for kw in bf16)
+    assert all(s.dtype == torch.int64 and s.dim() == 0 for kw in bf16 for s in kw["sr_seeds"])
+    host = [kw for kw in bf16 if kw.get("skip") is None]
+    device = [kw for kw in bf16 if kw.get("skip") is not None]
+    assert host[0]["sr_step"] == 1 and "steps" not in host[0]
+    assert device and all(len(kw["steps"]) == 1 and "sr_step" not in kw for kw in device)
+    assert device[-1]["steps"][0] is opt.state[p]["step"] and float(opt.state[p]["step"]) == 2.0
