@@ -19,6 +19,12 @@ class Adagrad(FusedOptimizer):
         \tilde\gamma = \gamma / (1 + (t - 1) \eta), \quad
         s_t = s_{t-1} + g_t^2, \quad
         \theta_t = \theta_{t-1} - \tilde\gamma g_t / (\sqrt{s_t} + \epsilon)
+
+    ``bf16_update`` ("nearest", "stochastic", "kahan") says how bf16 params store the fp32 result
+    of a step (no fp32 master copy): rounded to nearest, stochastically (seeded by ``rounding_seed``,
+    the param's position, the rank and the step), or through a bf16 compensation buffer (state
+    ``kahan_comp``). It applies to bf16 params only: fp32 params are unaffected, fp16 params keep
+    round-to-nearest (see dist_optim.optim.base).
     """
 
     def __init__(

@@ -20,6 +20,12 @@ class Adam(FusedOptimizer):
         \theta_t = \theta_{t-1} - \frac{\gamma}{1 - \beta_1^t}\,
             \frac{m_t}{\sqrt{v_t} / \sqrt{1 - \beta_2^t} + \epsilon}
         \quad (v_t \to \max_{s \le t} v_s \text{ with amsgrad})
+
+    ``bf16_update`` ("nearest", "stochastic", "kahan") says how bf16 params store the fp32 result
+    of a step (no fp32 master copy): rounded to nearest, stochastically (seeded by ``rounding_seed``,
+    the param's position, the rank and the step), or through a bf16 compensation buffer (state
+    ``kahan_comp``). It applies to bf16 params only: fp32 params are unaffected, fp16 params keep
+    round-to-nearest (see dist_optim.optim.base).
     """
 
     def __init__(

@@ -33,6 +33,12 @@ class RAdam(FusedOptimizer):
 
     ``rho_threshold=5`` matches torch.optim.RAdam and the authors' code; 4 is the paper's Algorithm 2.
     Weight decay is L2 (added to the gradient) or, with ``decoupled_weight_decay``, AdamW-style.
+
+    ``bf16_update`` ("nearest", "stochastic", "kahan") says how bf16 params store the fp32 result
+    of a step (no fp32 master copy): rounded to nearest, stochastically (seeded by ``rounding_seed``,
+    the param's position, the rank and the step), or through a bf16 compensation buffer (state
+    ``kahan_comp``). It applies to bf16 params only: fp32 params are unaffected, fp16 params keep
+    round-to-nearest (see dist_optim.optim.base).
     """
 
     def __init__(

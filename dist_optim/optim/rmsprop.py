@@ -20,6 +20,12 @@ class RMSprop(FusedOptimizer):
         a_t = \sqrt{v_t - \bar g_t^2} + \epsilon \ \text{(centered) or } \sqrt{v_t} + \epsilon, \quad
         b_t = \mu b_{t-1} + g_t / a_t, \quad \theta_t = \theta_{t-1} - \gamma b_t \ (\mu > 0)
         \text{ or } \theta_{t-1} - \gamma g_t / a_t
+
+    ``bf16_update`` ("nearest", "stochastic", "kahan") says how bf16 params store the fp32 result
+    of a step (no fp32 master copy): rounded to nearest, stochastically (seeded by ``rounding_seed``,
+    the param's position, the rank and the step), or through a bf16 compensation buffer (state
+    ``kahan_comp``). It applies to bf16 params only: fp32 params are unaffected, fp16 params keep
+    round-to-nearest (see dist_optim.optim.base).
     """
 
     def __init__(

@@ -22,6 +22,13 @@ class SGD(FusedOptimizer):
 
     Arguments and defaults are torch.optim.SGD's; ``max_grad_norm``, ``nonfinite``, ``backend`` and
     ``process_group`` are dist-optim's (see the package docs).
+
+    ``bf16_update`` ("nearest", "stochastic", "kahan") says how bf16 params store the fp32 result
+    of a step (no fp32 master copy): rounded to nearest, stochastically (seeded by ``rounding_seed``,
+    the param's position, the rank and the step), or through a bf16 compensation buffer (state
+    ``kahan_comp``). It applies to bf16 params only: fp32 params are unaffected, fp16 params keep
+    round-to-nearest (see dist_optim.optim.base).
+    Under "stochastic", bf16 params keep a "step" counter (the streams are per step).
     """
 
     def __init__(
