@@ -164,3 +164,135 @@ def run_empty_shard(steps: int):
     opt = train_one_row(net, steps)
     s = opt.state[net.w]
     return net.w.full_tensor().detach().clone(), (s["exp_avg"].numel(), s["exp_avg_absmax"].numel())
+
+
+# --- int8 checkpoints through DCP at several world sizes ------------------------------------------
+# A model with both checkpoint forms: the first weight (71 x 512) is saved as codes + absmax
+# [71, 2] (whole blocks per row: lossless under any dim-0 sharding), the second (64 x 71) in fp32
+# form (its blocks straddle rows; at world 2 each shard of 32 rows is 2272 elements, not whole
+# blocks, so another world size quantizes it over other blocks). The rest keeps fp32 state.
+# A global batch of 12 rows splits evenly at world 1, 2 and 3, so runs at different sizes see the
+# same averaged gradients.
+
+CKPT_BATCH = 12
+
+
+def ckpt_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(512, 71), nn.Tanh(), nn.Linear(71, 64), nn.Tanh(), nn.Linear(64, 2))
+
+
+def ckpt_sharded_model(seed: int = 0) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    net = ckpt_model(seed)
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    fully_shard(net[0], mesh=mesh)
+    fully_shard(net[2], mesh=mesh)
+    fully_shard(net, mesh=mesh)
+    return net
+
+
+def ckpt_optimizer(params, state_dtype: str = "int8"):
+    return dist_optim.AdamW(params, lr=0.01, backend="torch", state_dtype=state_dtype)
+
+
+def train_ckpt(net, opt, start: int, steps: int) -> None:
+    """Steps on this rank's rows of each global batch (all rows without a process group)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rows = CKPT_BATCH // world
+    for step in range(start, start + steps):
+        gen = torch.Generator().manual_seed(5000 + step)
+        x, y = torch.randn(CKPT_BATCH, 512, generator=gen), torch.randn(CKPT_BATCH, 2, generator=gen)
+        x, y = x[rank * rows:(rank + 1) * rows], y[rank * rows:(rank + 1) * rows]
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def state_entries(net, opt) -> dict[str, dict[str, torch.Tensor]]:
+    """Per param name: the optimizer's state_dict() entries as whole tensors, and for each int8
+    moment the live per-element absmax ("<key>@absmax": each element's block's absmax on its rank's
+    shard) as a whole tensor. Collective on DTensor params: every rank calls it."""
+    from dist_optim.distributed.shard import is_dtensor, local_tensor
+    from dist_optim.state.layout import QBLOCK, absmax_key
+
+    sd = opt.state_dict()
+    out = {}
+    for i, (name, p) in enumerate(net.named_parameters()):
+        entry = {k: _whole(v) for k, v in sorted(sd["state"].get(i, {}).items())}  # one gather order on all ranks
+        live, local = opt.state.get(p, {}), local_tensor(p)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if absmax_key(key) in live:
+                per_element = live[absmax_key(key)].repeat_interleave(QBLOCK)[: local.numel()].view(local.shape)
+                if is_dtensor(p):
+                    per_element = placed_like(p, per_element)
+                entry[key + "@absmax"] = _whole(per_element)
+        out[name] = entry
+    return out
+
+
+def placed_like(param, local: torch.Tensor):
+    from torch.distributed.tensor import DTensor
+
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False, shape=param.shape,
+                              stride=param.stride())
+
+
+def _build(state_dtype: str, seed: int = 0):
+    net = ckpt_sharded_model(seed) if dist.is_initialized() else ckpt_model(seed)
+    return net, ckpt_optimizer(net.parameters(), state_dtype)
+
+
+def raw_dcp_save(root: str, steps: int, then: int, state_dtype: str = "int8"):
+    """Train, save with torch's own get_state_dict + dcp.save, go on; returns (state entries at
+    the save, whole params after ``then`` more steps)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    net, opt = _build(state_dtype)
+    train_ckpt(net, opt, 0, steps)
+    entries = state_entries(net, opt)
+    model_sd, optim_sd = get_state_dict(net, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root)
+    train_ckpt(net, opt, steps, then)
+    return entries, full_params(net)
+
+
+def raw_dcp_load(root: str, start: int, then: int, state_dtype: str = "int8"):
+    """A model from another seed filled by dcp.load + set_state_dict; returns (state entries after
+    the load, whole params after ``then`` more steps)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    net, opt = _build(state_dtype, seed=123)
+    model_sd, optim_sd = get_state_dict(net, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=root)
+    set_state_dict(net, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    entries = state_entries(net, opt)
+    train_ckpt(net, opt, start, then)
+    return entries, full_params(net)
+
+
+def helper_save(root: str, steps: int, state_dtype: str):
+    from dist_optim.distributed.checkpoint import save_checkpoint
+
+    net, opt = _build(state_dtype)
+    train_ckpt(net, opt, 0, steps)
+    entries = state_entries(net, opt)
+    save_checkpoint(root, net, opt, step=steps)
+    return entries
+
+
+def helper_load(root: str, state_dtype: str):
+    from dist_optim.distributed.checkpoint import load_checkpoint
+
+    net, opt = _build(state_dtype, seed=123)
+    load_checkpoint(root, net, opt)
+    return state_entries(net, opt)
