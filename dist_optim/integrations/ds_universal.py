@@ -14,6 +14,19 @@ Each rank's partition of a parameter group is a run of fragments of the flattene
 DeepSpeed records where (``param_slice_mappings``), so concatenating a parameter's fragments in
 rank order gives the whole parameter, and each new rank takes back the fragment its new partition
 holds (the engine's ``_hp_mapping`` per parameter says which).
+
+int8 state (``state_dtype="int8"``): a rank's checkpoint holds each moment of its partition as
+codes + absmax with blocks laid out over the partition (``<key>_codes``, ``<key>_absmax``; see
+dist_optim.optim._state_dict). The universal form keeps it quantized in a canonical layout: per
+parameter ``<key>_codes`` (uint8 shaped like the parameter) and ``<key>_absmax`` (fp32
+[ceil(n / 256)], blocks over the flattened parameter from its element 0). Converting dequantizes
+each fragment from its partition's blocks and quantizes the parameter over canonical blocks; loading
+dequantizes each new partition's fragments and quantizes over the new partition (or keeps fp32
+where the loading optimizer keeps fp32 state: the min-size rule is the partition's). Each of the two
+steps is exact for a block that is a block on both sides (a parameter starting on a block boundary
+of its partition, away from partition ends) and otherwise one rounding at the new block's scale
+(dist_optim.state.checkpoint's bound). fp32 universal folders load into int8 optimizers (quantized
+over the partition) and int8 ones into fp32 optimizers (dequantized).
 """
 
 from __future__ import annotations
@@ -26,6 +39,10 @@ from typing import Any
 
 import torch
 
+from ..optim.lookahead import fused_core
+from ..state.checkpoint import dequantize_pieces
+from ..state.layout import ABSMAX_SUFFIX, CODES_SUFFIX, QBLOCK, absmax_key, code_map, codes_key, quantize_state
+
 META = "meta.pt"
 PARAMS = "params"
 FP32 = "fp32"
@@ -33,6 +50,20 @@ FP32 = "fp32"
 
 def _per_element(value: Any) -> bool:
     return torch.is_tensor(value) and value.dim() == 1
+
+
+def _coded(state: dict) -> set[str]:
+    """The moments a partition's state holds as codes + absmax."""
+    return {k[: -len(CODES_SUFFIX)] for k in state if isinstance(k, str) and k.endswith(CODES_SUFFIX)
+            and absmax_key(k[: -len(CODES_SUFFIX)]) in state}
+
+
+def _fragment(state: dict, key: str, lo: int, hi: int) -> torch.Tensor:
+    """fp32 values [lo, hi) of moment ``key`` of a partition's state, whichever form holds it."""
+    if key in _coded(state):
+        pieces = [(state[codes_key(key)].reshape(-1), state[absmax_key(key)], lo, hi)]
+        return dequantize_pieces(pieces, code_map(key), QBLOCK)
+    return state[key][lo:hi].float()
 
 
 def _rank_files(folder: Path) -> list[Path]:
@@ -52,6 +83,7 @@ def ds_to_universal(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
     model_states = torch.load(next(checkpoint.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
     shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
     pieces: dict[str, dict[str, list[torch.Tensor]]] = defaultdict(lambda: defaultdict(list))
+    quantized: dict[str, set[str]] = defaultdict(set)  # per param, the moments some rank held in int8
     counters: dict[int, dict[str, torch.Tensor]] = defaultdict(dict)
     param_groups = None
     for osd in shards:
@@ -61,18 +93,28 @@ def ds_to_universal(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
             state = base["state"].get(g, {})
             # Per-element state is 1-D (it may keep the group padding the saved partition drops);
             # counters are 0-dim and the same on every rank.
+            coded = _coded(state)
             for key, value in state.items():
                 if not _per_element(value):
                     counters[g].setdefault(key, value)
+            moments = coded | {k for k, v in state.items() if _per_element(v)
+                               and not any(k in (codes_key(c), absmax_key(c)) for c in coded)}
             for name, frag in osd["param_slice_mappings"][g].items():
                 cut = slice(frag.start, frag.start + frag.numel)
                 pieces[name][FP32].append(flat[cut])
-                for key, value in state.items():
-                    if _per_element(value):
-                        pieces[name][key].append(value[cut])
+                quantized[name] |= coded
+                for key in sorted(moments):
+                    pieces[name][key].append(_fragment(state, key, cut.start, cut.stop))
     (out / PARAMS).mkdir(parents=True, exist_ok=True)
     for name, by_key in pieces.items():
-        whole = {key: torch.cat(parts).reshape(shapes[name]).clone() for key, parts in by_key.items()}
+        whole = {}
+        for key, parts in by_key.items():
+            values = torch.cat(parts)
+            if key in quantized[name]:
+                codes, absmax = quantize_state(values, key)
+                whole[codes_key(key)], whole[absmax_key(key)] = codes.reshape(shapes[name]), absmax
+            else:
+                whole[key] = values.reshape(shapes[name]).clone()
         torch.save(whole, out / PARAMS / f"{name}.pt")
     torch.save({"counters": dict(counters), "param_groups": param_groups}, out / META)
     return out
@@ -87,11 +129,10 @@ def load_universal(engine: Any, universal: str | os.PathLike) -> None:
         raise ValueError("Invalid engine: load_universal takes a ZeRO-1/2 engine")
     meta = torch.load(universal / META, map_location="cpu", weights_only=False)
     inner = zero.optimizer
-    for g, flat in enumerate(zero.single_partition_of_fp32_groups):
-        state = inner.state[flat]
-        state.clear()
-        for key, value in meta["counters"].get(g, {}).items():
-            state[key] = value.clone() if torch.is_tensor(value) else value
+    flats = zero.single_partition_of_fp32_groups
+    # Per group, each per-element state in fp32 over the new partition; put in the optimizer's own
+    # form (quantized over the partition where it keeps int8) once every fragment is in.
+    values: list[dict[str, torch.Tensor]] = [{} for _ in flats]
     for name, param in engine.module.named_parameters():
         saved = torch.load(universal / PARAMS / f"{name}.pt", map_location="cpu", weights_only=False)
         with torch.no_grad():
@@ -101,8 +142,25 @@ def load_universal(engine: Any, universal: str | os.PathLike) -> None:
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
         group = mapping.param_group_index
-        flat = zero.single_partition_of_fp32_groups[group]
-        state = inner.state[flat]
-        for key, whole in saved.items():
-            target = flat if key == FP32 else state.setdefault(key, torch.zeros_like(flat))
-            target.data[hp.start : hp.start + hp.numel].copy_(whole.reshape(-1)[lp.start : lp.start + lp.numel])
+        flat = flats[group]
+        flat.data[hp.start : hp.start + hp.numel].copy_(saved[FP32].reshape(-1)[lp.start : lp.start + lp.numel])
+        for key in _saved_moments(saved):
+            target = values[group].setdefault(key, torch.zeros_like(flat, dtype=torch.float32))
+            target[hp.start : hp.start + hp.numel].copy_(_fragment(_flat_view(saved), key, lp.start, lp.start + lp.numel))
+    core = fused_core(inner)
+    for g, flat in enumerate(flats):
+        state = {key: value.clone() if torch.is_tensor(value) else value
+                 for key, value in meta["counters"].get(g, {}).items()}
+        state.update(values[g])
+        inner.state[flat].clear()
+        inner.state[flat].update(core._stored_form(flat, state) if core is not None else state)
+
+
+def _saved_moments(saved: dict) -> list[str]:
+    """The per-element state keys of a universal param file, int8 ones by their moment's name."""
+    coded = _coded(saved)
+    return sorted(coded | {k for k in saved if k != FP32 and not k.endswith((CODES_SUFFIX, ABSMAX_SUFFIX))})
+
+
+def _flat_view(saved: dict) -> dict:
+    return {k: v.reshape(-1) if torch.is_tensor(v) else v for k, v in saved.items()}
