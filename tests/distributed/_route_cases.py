@@ -342,7 +342,8 @@ def accelerate_prepare(net: nn.Module, opt) -> nn.Module:
         cpu_ram_efficient_loading=False,
     )
     accelerator = SimpleNamespace(
-        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no", is_main_process=True
+        state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None, mixed_precision="no", is_main_process=True,
+        device=torch.device("cpu"),  # accelerate >= 1.16 places ignored modules there
     )
     # Accelerator._get_named_parameters(..., drop_refs=True), then the placeholder swap.
     old_named_params = fsdp2_canonicalize_names({n: p.data_ptr() for n, p in net.named_parameters()})
