@@ -19,7 +19,9 @@ One clipping owner, settled once the engine knows its precision wrapper:
 - ZeRO-0 (replicated params, fp32 or DeepSpeed's fp16/bf16 master copies): ours, statistics local;
 - ZeRO-3, which calls ``step()`` once per sub-group so no call sees the global norm: DeepSpeed's.
   ``max_grad_norm`` becomes ``gradient_clipping``; DeepSpeed skips non-finite steps on every rank,
-  and the inner optimizer runs with ``nonfinite="apply"`` (``"raise"`` is refused).
+  and the inner optimizer runs with ``nonfinite="apply"`` (``"raise"`` is refused). The padding of
+  its sub-group tensors, left uninitialized by DeepSpeed, is zeroed (``zero_partition_padding``:
+  int8 blocks span it).
 A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
 neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
 L-BFGS is refused: the engine's ``step()`` takes no closure.
@@ -150,6 +152,33 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     base.bind_params(group)
     if engine.zero_optimization_stage() < 3:
         _report_through(wrapper, base, own=wrapper is optimizer)
+    else:
+        zero_partition_padding(wrapper)
+
+
+def zero_partition_padding(wrapper: Any) -> None:
+    """Zero the padding in ZeRO-3's fp32 sub-group tensors (the tensors ours steps).
+
+    ZeRO-3 pads each param's last partition up to the common partition size and leaves the padding
+    as allocated (uninitialized memory: a stray subnormal was seen). It never reaches the model, and
+    fp32 state keeps it to itself, but int8 state shares one absmax per block with its neighbours:
+    under coupled weight decay (grad + wd * p: Adam, SGD, Adagrad, RMSprop) a NaN or huge value there
+    becomes the block's absmax, and the block's real moments turn NaN or round to zero. Its grads
+    are zero, so a zero padding stays zero."""
+    import torch.distributed as dist
+
+    flats = getattr(wrapper, "fp32_partitioned_groups_flat", None) or []
+    for flat, params in zip(flats, getattr(wrapper, "fp16_groups", None) or []):
+        if flat.numel() == 0:  # swapped out to NVMe: DeepSpeed holds it elsewhere
+            continue
+        at = 0
+        for p in params:
+            size = p.partition_numel()
+            held = min(size, max(0, p.ds_numel - dist.get_rank(group=p.ds_process_group) * size))
+            if held < size:
+                with torch.no_grad():
+                    flat[at + held:at + size].zero_()
+            at += size
 
 
 def _report_through(wrapper: Any, base: Any, *, own: bool) -> None:
