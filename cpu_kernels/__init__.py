@@ -13,9 +13,12 @@ them on AdamW but costs seconds of compilation per family, dtype, switch and ten
 library covers every family, dtype pair and switch, and follows the torch path's roundings
 operation by operation (see the header of ``kernels.cpp``).
 
-Params and grads may be fp32, bf16 or fp16 (independently); state is fp32. Non-contiguous tensors
-run on contiguous copies written back afterwards. Everything else (fp64, a state in another dtype)
-is for the torch path: ``accepts`` tells the dispatcher.
+Params and grads may be fp32, bf16 or fp16 (independently); state is fp32, or int8 for moments
+(``state_dtype="int8"``, dist_optim.state's format: uint8 codes beside ``<key>_absmax``, one fp32
+absmax per 256 elements), dequantized, updated and quantized again block by block inside the same
+pass (``QUANTIZED_STATE``). Non-contiguous tensors run on contiguous copies written back afterwards.
+Everything else (fp64, a state in another dtype) is for the torch path: ``accepts`` tells the
+dispatcher.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from .launch import (
     sumsq_nonfinite,
 )
 
+# The launchers take int8 moments (codes + absmax) as the Triton launchers do; the functional layer
+# sends int8 state here only when this is True.
+QUANTIZED_STATE = True
+
 __all__ = [
+    "QUANTIZED_STATE",
     "BuildError",
     "accepts",
     "adagrad_step",

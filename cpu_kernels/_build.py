@@ -105,9 +105,11 @@ def library() -> ctypes.CDLL:
     i64p = ctypes.POINTER(ctypes.c_int64)
     vpp = ctypes.POINTER(ctypes.c_void_p)
     lib.dist_optim_step.restype = ctypes.c_int
+    fp = ctypes.POINTER(ctypes.c_float)
+    ip = ctypes.POINTER(ctypes.c_int)
     lib.dist_optim_step.argtypes = [
-        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, i64p, vpp, vpp, vpp, ctypes.c_int,
-        ctypes.POINTER(ctypes.c_float), ctypes.POINTER(ctypes.c_int), ctypes.c_int,
+        ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, i64p, vpp, vpp, vpp, vpp, ip, fp, ctypes.c_int,
+        fp, ip, ctypes.c_int,
     ]
     lib.dist_optim_sumsq.restype = ctypes.c_int
     lib.dist_optim_sumsq.argtypes = [

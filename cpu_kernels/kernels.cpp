@@ -9,6 +9,14 @@
 // Python scalar to the fp32 op type. bf16/fp16 params and grads are widened to fp32 in a small
 // L1-resident block buffer and the result rounded to nearest even, as Tensor.copy_ does.
 //
+// int8 state (dist_optim.state's format: uint8 codes, one fp32 absmax per 256-element block from the
+// tensor's element 0): a staged block of up to 1024 elements is dequantized into an fp32 buffer
+// (code[c] * absmax), the family's fp32 math runs on it unchanged, and each 256-element block is
+// quantized back from the buffer (absmax, then per element the count of thresholds t with
+// t * absmax < x, the product rounded on its own as the torch reference computes it). Chunk and block
+// starts are multiples of 256, so no quantization block straddles two threads or two staged blocks.
+// Moments computed bit for bit as the torch path computes them therefore get its codes bit for bit.
+//
 // No torch headers: plain C ABI, loaded with ctypes. OpenMP calls resolve to the libgomp torch has
 // already loaded (same soname), so there is one thread pool in the process.
 #include <cmath>
@@ -16,7 +24,7 @@
 #include <cstring>
 #include <algorithm>
 #include <type_traits>
-#if defined(__F16C__)
+#if defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <omp.h>
@@ -26,6 +34,9 @@ namespace {
 enum Dtype : int { F32 = 0, BF16 = 1, F16 = 2 };
 constexpr int64_t BLOCK = 1024;    // elements staged in fp32 at a time (4 KiB per stream)
 constexpr int64_t CHUNK = 32768;   // elements per unit of parallel work
+constexpr int64_t QBLOCK = 256;    // int8 state: elements per absmax (dist_optim.state.layout.QBLOCK)
+static_assert(BLOCK % QBLOCK == 0 && CHUNK % QBLOCK == 0, "a quantization block must lie in one staged block");
+constexpr int CODES = 256;         // entries of a code map; its threshold table is padded to as many
 
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
@@ -120,6 +131,148 @@ inline float nan_max(float a, float b) {  // torch.maximum propagates NaN
   return (a != a) ? a : r;
 }
 
+
+// ---- int8 state --------------------------------------------------------------------------------
+// How a state role is stored: fp32, or int8 codes against the signed or the unsigned code map.
+enum StateKind : int { FP32_STATE = 0, SIGNED_INT8 = 1, UNSIGNED_INT8 = 2 };
+
+// The code maps and their threshold tables, as dist_optim.state.codes builds them: per kind, CODES
+// fp32 values then CODES thresholds (255 midpoints and a +inf pad the search never reads).
+struct CodeMap { const float* value; const float* threshold; };
+
+inline CodeMap code_map(const float* tables, int kind) {
+  const float* base = tables + (kind == SIGNED_INT8 ? 0 : 2 * CODES);
+  return CodeMap{base, base + CODES};
+}
+
+// n values of a staged block starting at a block boundary: code[c] * absmax of the element's block.
+inline void dequantize(const uint8_t* __restrict codes, const float* __restrict absmax, int64_t n,
+                       const float* __restrict value, float* __restrict out) {
+  for (int64_t b = 0; b < n; b += QBLOCK) {
+    const float a = absmax[b / QBLOCK];
+    const int64_t m = std::min(QBLOCK, n - b);
+    for (int64_t i = 0; i < m; ++i) out[b + i] = value[codes[b + i]] * a;
+  }
+}
+
+// The largest |x| of m values, NaN if one is NaN (as torch's amax): on the bits, where clearing the
+// sign makes the integer order the float order and puts every NaN above inf — an integer max
+// vectorizes where a float one that must keep NaN does not.
+inline float absmax_of(const float* __restrict x, int64_t m) {
+  uint32_t top = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, 4);
+    u &= 0x7FFFFFFFu;
+    top = u > top ? u : top;
+  }
+  float a;
+  std::memcpy(&a, &top, 4);
+  return a;
+}
+
+// The search of one element against a block's scaled thresholds, in scalar code: branch-free, pos
+// ends as the number of scaled thresholds strictly below v (they ascend, so a step of 2^j tests
+// the last of the next 2^j of them).
+inline uint8_t search(const float* scaled, float v) {
+  int pos = 0;
+  for (int step = 128; step >= 1; step >>= 1) pos += scaled[pos + step - 1] < v ? step : 0;
+  return uint8_t(pos);
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define DIST_OPTIM_SEARCH16 1
+// The same search for 16 elements in registers, without gathers (slow on x86: 4 of them took 3 ns
+// an element on Zen 4, this ~0.6). The thresholds are held as 16 columns, cols[k][j] = the
+// threshold 16j + k scaled by the block's absmax (each the same product as the scalar search's).
+// The first four steps test the last threshold of a group of 16 (column 15) and pick the group g,
+// a lane-wise permute; the last four search inside the group: step 8 reads column 7 at g, step 4
+// column 3 or 11, step 2 one of 1, 5, 9, 13, step 1 one of the even columns, each a two-register
+// permute (index bit 4 picks the second column of a pair) and blends on the bits found so far.
+template <int U>
+inline void search16(const __m512* cols, const float* x, uint8_t* codes) {
+  __m512 v[U];
+  __m512i g[U], f[U];
+  for (int u = 0; u < U; ++u) {
+    v[u] = _mm512_loadu_ps(x + 16 * u);
+    g[u] = _mm512_setzero_si512();
+    f[u] = _mm512_setzero_si512();
+  }
+  auto add_if_below = [](__m512i pos, __m512 t, __m512 val, int step) {
+    return _mm512_mask_add_epi32(pos, _mm512_cmp_ps_mask(t, val, _CMP_LT_OQ), pos, _mm512_set1_epi32(step));
+  };
+  auto pick = [](__m512i gg, __m512i ff, int shift) {  // gg, with bit 4 set where bit `shift` of ff is
+    return _mm512_or_si512(gg, _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(ff, shift), _mm512_set1_epi32(1)), 4));
+  };
+  auto bit = [](__m512i ff, int b) { return _mm512_test_epi32_mask(ff, _mm512_set1_epi32(1 << b)); };
+  for (int step = 8; step >= 1; step >>= 1)
+    for (int u = 0; u < U; ++u)
+      g[u] = add_if_below(g[u], _mm512_permutexvar_ps(_mm512_add_epi32(g[u], _mm512_set1_epi32(step - 1)), cols[15]),
+                          v[u], step);
+  for (int u = 0; u < U; ++u) f[u] = add_if_below(f[u], _mm512_permutexvar_ps(g[u], cols[7]), v[u], 8);
+  for (int u = 0; u < U; ++u)
+    f[u] = add_if_below(f[u], _mm512_permutex2var_ps(cols[3], pick(g[u], f[u], 3), cols[11]), v[u], 4);
+  for (int u = 0; u < U; ++u) {
+    const __m512i idx = pick(g[u], f[u], 2);
+    const __m512 lo = _mm512_permutex2var_ps(cols[1], idx, cols[5]);
+    const __m512 hi = _mm512_permutex2var_ps(cols[9], idx, cols[13]);
+    f[u] = add_if_below(f[u], _mm512_mask_blend_ps(bit(f[u], 3), lo, hi), v[u], 2);
+  }
+  for (int u = 0; u < U; ++u) {
+    const __m512i idx = pick(g[u], f[u], 1);
+    const __m512 t0 = _mm512_permutex2var_ps(cols[0], idx, cols[2]);
+    const __m512 t1 = _mm512_permutex2var_ps(cols[4], idx, cols[6]);
+    const __m512 t2 = _mm512_permutex2var_ps(cols[8], idx, cols[10]);
+    const __m512 t3 = _mm512_permutex2var_ps(cols[12], idx, cols[14]);
+    const __mmask16 b2 = bit(f[u], 2);
+    const __m512 t = _mm512_mask_blend_ps(bit(f[u], 3), _mm512_mask_blend_ps(b2, t0, t1), _mm512_mask_blend_ps(b2, t2, t3));
+    f[u] = add_if_below(f[u], t, v[u], 1);
+  }
+  for (int u = 0; u < U; ++u)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + 16 * u),
+                     _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_slli_epi32(g[u], 4), f[u])));
+}
+#endif
+
+// A code map's thresholds for quantize: as given (256, ascending) and transposed into 16 columns of
+// 16 (columns[k * 16 + j] = threshold[16 j + k]) for the vector search.
+struct Thresholds { const float* sorted; const float* columns; };
+
+inline void transpose16(const float* threshold, float* columns) {
+  for (int k = 0; k < 16; ++k)
+    for (int j = 0; j < 16; ++j) columns[k * 16 + j] = threshold[16 * j + k];
+}
+
+// Codes and absmax of n fp32 values from a block boundary (the tail block may be partial: the
+// elements past the end would enter as 0.0, which cannot raise an absmax, so they are left out).
+inline void quantize(const float* __restrict x, int64_t n, const Thresholds& thr, uint8_t* __restrict codes,
+                     float* __restrict absmax) {
+  alignas(64) float scaled[CODES];
+  for (int64_t b = 0; b < n; b += QBLOCK) {
+    const int64_t m = std::min(QBLOCK, n - b);
+    const float a = absmax_of(x + b, m);
+    absmax[b / QBLOCK] = a;
+    if (!(a < INFINITY)) {  // inf or NaN: all code 0, the absmax keeps the step's non-finite value visible
+      std::memset(codes + b, 0, size_t(m));
+      continue;
+    }
+    const float scale = a == 0.0f ? 1.0f : a;
+    int64_t i = 0;
+#ifdef DIST_OPTIM_SEARCH16
+    __m512 cols[16];
+    for (int k = 0; k < 16; ++k) cols[k] = _mm512_mul_ps(_mm512_loadu_ps(thr.columns + 16 * k), _mm512_set1_ps(scale));
+    // Two vectors at a time: each search is a chain of dependent permutes, and two chains keep
+    // the permute unit busy where one waits on its own latency.
+    for (; i + 32 <= m; i += 32) search16<2>(cols, x + b + i, codes + b + i);
+    for (; i + 16 <= m; i += 16) search16<1>(cols, x + b + i, codes + b + i);
+    if (i == m) continue;
+#endif
+    // The scaled thresholds once per block: each is the reference's product threshold * scale.
+    for (int k = 0; k < CODES; ++k) scaled[k] = thr.sorted[k] * scale;
+    for (; i < m; ++i) codes[b + i] = search(scaled, x[b + i]);
+  }
+}
+
 // Every element-wise family: one block of n elements, fp32 p (in/out), fp32 grads (read), states.
 struct Args {
   const float* sc;  // scalars, meaning per family
@@ -182,17 +335,19 @@ void block(float* __restrict p, const float* __restrict gin, float* const* S, in
     if (f[0]) loop(T{}); else loop(N{});
   } else if constexpr (F == RMSPROP) {
     // sc: grad_scale, weight_decay, alpha, 1 - alpha, eps, momentum, -lr, (1-alpha) - 1
-    // fl: has_wd, centered, has_momentum, lerp weight small
+    // fl: has_wd, centered, has_momentum, lerp weight small, clamp (v - m^2 at 0, as the torch path
+    // does for int8 moments: their rounding can leave a low-variance element slightly negative)
     float* __restrict sq = S[0];
     float* __restrict buf = S[1];
     float* __restrict ga = S[2];
     const float alpha = c[2], oma = c[3], eps = c[4], mom = c[5], nlr = c[6], wm1 = c[7];
-    const bool centered = f[1], has_mom = f[2], small = f[3];
+    const bool centered = f[1], has_mom = f[2], small = f[3], clamp = f[4];
     const float gs = c[0], wd = c[1];
     const bool has_wd = f[0];
-    auto loop = [&](auto centered_c, auto has_mom_c, auto small_c, auto wd_c) {
+    auto loop = [&](auto centered_c, auto has_mom_c, auto small_c, auto wd_c, auto clamp_c) {
       constexpr bool C = decltype(centered_c)::value, M = decltype(has_mom_c)::value;
       constexpr bool SMALL = decltype(small_c)::value, WD = decltype(wd_c)::value;
+      constexpr bool CLAMP = decltype(clamp_c)::value;
       for (int64_t i = 0; i < n; ++i) {
         float pi = p[i];
         float gi = gin[i] * gs;
@@ -204,7 +359,9 @@ void block(float* __restrict p, const float* __restrict gin, float* const* S, in
         if constexpr (C) {
           float gav = lerp(ga[i], gi, oma, wm1, SMALL);
           ga[i] = gav;
-          avg = std::sqrt(std::fma(-1.0f * gav, gav, s));
+          float var = std::fma(-1.0f * gav, gav, s);
+          if constexpr (CLAMP) var = var < 0.0f ? 0.0f : var;  // clamp_min keeps a NaN
+          avg = std::sqrt(var);
         } else {
           avg = std::sqrt(s);
         }
@@ -219,7 +376,11 @@ void block(float* __restrict p, const float* __restrict gin, float* const* S, in
         }
       }
     };
-    auto with_wd = [&](auto c_, auto m_, auto s_) { if (has_wd) loop(c_, m_, s_, T{}); else loop(c_, m_, s_, N{}); };
+    auto with_wd = [&](auto c_, auto m_, auto s_) {
+      if constexpr (!decltype(c_)::value) { if (has_wd) loop(c_, m_, s_, T{}, N{}); else loop(c_, m_, s_, N{}, N{}); }
+      else if (clamp) { if (has_wd) loop(c_, m_, s_, T{}, T{}); else loop(c_, m_, s_, N{}, T{}); }
+      else { if (has_wd) loop(c_, m_, s_, T{}, N{}); else loop(c_, m_, s_, N{}, N{}); }
+    };
     if (centered) {
       if (has_mom) { if (small) with_wd(T{}, T{}, T{}); else with_wd(T{}, T{}, N{}); }
       else { if (small) with_wd(T{}, N{}, T{}); else with_wd(T{}, N{}, N{}); }
@@ -307,9 +468,23 @@ int64_t count_chunks(int64_t nt, const int64_t* numel) {
   return k;
 }
 
+// A call's state roles: nstate x nt pointers, row-major (null where a role is absent), each role fp32
+// or int8 codes with nstate x nt absmax pointers beside them.
+struct States {
+  void* const* data;
+  float* const* absmax;
+  const int* kind;     // StateKind per role
+  const float* maps;   // code tables (CodeMap), read when a role is int8
+  const float* columns;  // per kind, its thresholds transposed (transpose16), 2 x 256
+  int n;
+  Thresholds thresholds(int kind) const {
+    return Thresholds{code_map(maps, kind).threshold, columns + (kind == SIGNED_INT8 ? 0 : CODES)};
+  }
+};
+
 template <int F, int PD, int GD>
-void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S, int nstate,
-         const float* sc, const int* fl, int nthreads) {
+void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& st, const float* sc,
+         const int* fl, int nthreads) {
   int64_t nc = count_chunks(nt, numel);
   if (nc == 0) return;
   Chunk* chunks = new Chunk[nc];
@@ -319,6 +494,7 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
   {
     alignas(64) float pbuf[BLOCK];
     alignas(64) float gbuf[BLOCK];
+    alignas(64) float sbuf[3][BLOCK];  // int8 roles' fp32 values for the block being updated
     #pragma omp for schedule(static)
     for (int64_t k = 0; k < nc; ++k) {
       const Chunk ch = chunks[k];
@@ -327,9 +503,25 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
         float* p = load<PD>(P[ch.t], off, n, pbuf);
         const float* g = F == LOOKAHEAD ? nullptr : load<GD>(G[ch.t], off, n, gbuf);
         float* s[3] = {nullptr, nullptr, nullptr};
-        for (int j = 0; j < nstate; ++j) s[j] = S[j * nt + ch.t] ? S[j * nt + ch.t] + off : nullptr;
+        for (int j = 0; j < st.n; ++j) {
+          void* base = st.data[j * nt + ch.t];
+          if (base == nullptr) continue;
+          if (st.kind[j] == FP32_STATE) {
+            s[j] = static_cast<float*>(base) + off;
+          } else {
+            dequantize(static_cast<const uint8_t*>(base) + off, st.absmax[j * nt + ch.t] + off / QBLOCK, n,
+                       code_map(st.maps, st.kind[j]).value, sbuf[j]);
+            s[j] = sbuf[j];
+          }
+        }
         block<F>(p, g, s, n, a);
         store<PD>(P[ch.t], off, n, p);
+        for (int j = 0; j < st.n; ++j) {
+          void* base = st.data[j * nt + ch.t];
+          if (base == nullptr || st.kind[j] == FP32_STATE) continue;
+          quantize(sbuf[j], n, st.thresholds(st.kind[j]), static_cast<uint8_t*>(base) + off,
+                   st.absmax[j * nt + ch.t] + off / QBLOCK);
+        }
       }
     }
   }
@@ -337,22 +529,22 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, float
 }
 
 template <int F, int PD>
-void dispatch_g(int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S, int ns,
+void dispatch_g(int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& S,
                 const float* sc, const int* fl, int nth) {
   switch (gd) {
-    case F32: run<F, PD, F32>(nt, numel, P, G, S, ns, sc, fl, nth); break;
-    case BF16: run<F, PD, BF16>(nt, numel, P, G, S, ns, sc, fl, nth); break;
-    case F16: run<F, PD, F16>(nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case F32: run<F, PD, F32>(nt, numel, P, G, S, sc, fl, nth); break;
+    case BF16: run<F, PD, BF16>(nt, numel, P, G, S, sc, fl, nth); break;
+    case F16: run<F, PD, F16>(nt, numel, P, G, S, sc, fl, nth); break;
   }
 }
 
 template <int F>
-void dispatch_p(int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, float* const* S,
-                int ns, const float* sc, const int* fl, int nth) {
+void dispatch_p(int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& S,
+                const float* sc, const int* fl, int nth) {
   switch (pd) {
-    case F32: dispatch_g<F, F32>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
-    case BF16: dispatch_g<F, BF16>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
-    case F16: dispatch_g<F, F16>(gd, nt, numel, P, G, S, ns, sc, fl, nth); break;
+    case F32: dispatch_g<F, F32>(gd, nt, numel, P, G, S, sc, fl, nth); break;
+    case BF16: dispatch_g<F, BF16>(gd, nt, numel, P, G, S, sc, fl, nth); break;
+    case F16: dispatch_g<F, F16>(gd, nt, numel, P, G, S, sc, fl, nth); break;
   }
 }
 
@@ -426,17 +618,31 @@ void sumsq_run(int64_t nt, const int64_t* numel, void* const* G, double* out_sum
 
 extern "C" {
 
-// family: Family; pd/gd: Dtype of params/grads; S: nstate x nt fp32 pointers (row-major, null allowed).
+// family: Family; pd/gd: Dtype of params/grads; S: nstate x nt state pointers (row-major, null
+// allowed), each role fp32 or uint8 codes per kind[role] (StateKind) with A (nstate x nt) holding
+// int8 roles' absmax pointers; maps: the code tables (4 x 256 fp32: signed values, signed
+// thresholds, unsigned values, unsigned thresholds), read only when a role is int8.
 int dist_optim_step(int family, int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G,
-                    float* const* S, int nstate, const float* sc, const int* fl, int nthreads) {
+                    void* const* S, float* const* A, const int* kind, const float* maps, int nstate,
+                    const float* sc, const int* fl, int nthreads) {
   if (pd < 0 || pd > 2 || gd < 0 || gd > 2 || nstate > 3 || nthreads < 1) return 1;
+  for (int j = 0; j < nstate; ++j) {
+    if (kind[j] < FP32_STATE || kind[j] > UNSIGNED_INT8) return 3;
+    if (kind[j] != FP32_STATE && (A == nullptr || maps == nullptr)) return 3;
+  }
+  alignas(64) float columns[2 * CODES];
+  if (maps != nullptr) {
+    transpose16(code_map(maps, SIGNED_INT8).threshold, columns);
+    transpose16(code_map(maps, UNSIGNED_INT8).threshold, columns + CODES);
+  }
+  const States st{S, A, kind, maps, columns, nstate};
   switch (family) {
-    case SGD: dispatch_p<SGD>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
-    case ADAGRAD: dispatch_p<ADAGRAD>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
-    case RMSPROP: dispatch_p<RMSPROP>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
-    case ADAM: dispatch_p<ADAM>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
-    case RADAM: dispatch_p<RADAM>(pd, gd, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
-    case LOOKAHEAD: dispatch_p<LOOKAHEAD>(pd, F32, nt, numel, P, G, S, nstate, sc, fl, nthreads); break;
+    case SGD: dispatch_p<SGD>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case ADAGRAD: dispatch_p<ADAGRAD>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case RMSPROP: dispatch_p<RMSPROP>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case ADAM: dispatch_p<ADAM>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case RADAM: dispatch_p<RADAM>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case LOOKAHEAD: dispatch_p<LOOKAHEAD>(pd, F32, nt, numel, P, G, st, sc, fl, nthreads); break;
     default: return 2;
   }
   return 0;

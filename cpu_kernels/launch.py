@@ -1,6 +1,11 @@
 """Launchers: bucket the tensors by (param dtype, grad dtype), build the pointer tables, pass the
 step's scalars as fp32 (as torch casts a Python scalar for an fp32 op) and call the library once
-per bucket."""
+per bucket.
+
+A moment held as int8 (dist_optim.state.layout: the moment's key holds uint8 codes, ``<key>_absmax``
+the fp32 absmax per 256-element block) is passed as its codes plus an absmax table; each launcher
+names which of its roles are signed (first moments) and which unsigned (second moments), the code
+map the kernel then quantizes against."""
 
 from __future__ import annotations
 
@@ -17,6 +22,10 @@ Tensors = Sequence[torch.Tensor]
 
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 SGD, ADAGRAD, RMSPROP, ADAM, RADAM, LOOKAHEAD = range(6)
+# How a state role is stored (kernels.cpp StateKind): fp32, or int8 against the signed / unsigned map.
+FP32_STATE, SIGNED_INT8, UNSIGNED_INT8 = range(3)
+ABSMAX_SUFFIX = "_absmax"  # dist_optim.state.layout.ABSMAX_SUFFIX
+QBLOCK = 256  # elements per absmax, fixed in kernels.cpp; code_tables checks it against the format
 
 
 def f32(x: float) -> float:
@@ -32,14 +41,52 @@ def lerp_coeffs(weight: float) -> tuple[float, float, bool]:
 
 def accepts(params: Tensors, grads: Tensors | None = None, states: Mapping[str, Tensors] | None = None) -> bool:
     """Whether these tensors are for the CPU kernels: on the CPU, params and grads fp32/bf16/fp16,
-    states fp32. (Sizes are checked by the launcher, which reads them anyway.)"""
+    states fp32, or uint8 codes for a moment whose ``<key>_absmax`` (fp32) is present. (Sizes are
+    checked by the launcher, which reads them anyway.)"""
     ok = DTYPES.__contains__
     if not all(t.is_cpu and ok(t.dtype) for t in params):
         return False
     if grads is not None and not all(t.is_cpu and ok(t.dtype) for t in grads):
         return False
-    f32 = torch.float32
-    return all(t.is_cpu and t.dtype == f32 for ts in (states or {}).values() for t in ts)
+    states = states or {}
+    for key, ts in states.items():
+        dtype = torch.uint8 if key + ABSMAX_SUFFIX in states else torch.float32
+        if not all(t.is_cpu and t.dtype == dtype for t in ts):
+            return False
+    return True
+
+
+_CODE_TABLES = []
+
+
+def code_tables():
+    """The kernels' code tables (ctypes fp32 [4 x 256]): the signed map, its thresholds, the unsigned
+    map, its thresholds, from dist_optim.state.codes (the format's definition, read once)."""
+    if not _CODE_TABLES:
+        from dist_optim.state.codes import SIGNED, UNSIGNED, thresholds
+        from dist_optim.state.layout import QBLOCK as FORMAT_QBLOCK
+
+        if FORMAT_QBLOCK != QBLOCK:
+            raise RuntimeError(f"cpu_kernels quantize {QBLOCK}-element blocks, the state format has {FORMAT_QBLOCK}")
+        values = torch.cat([SIGNED, thresholds(SIGNED), UNSIGNED, thresholds(UNSIGNED)]).float()
+        _CODE_TABLES.append((ctypes.c_float * values.numel())(*values.tolist()))
+    return _CODE_TABLES[0]
+
+
+class Role:
+    """One state role of a launch: its tensors (fp32, or uint8 codes with ``absmax`` beside them)
+    and the code map an int8 role uses (SIGNED_INT8 for first moments, UNSIGNED_INT8 for second)."""
+
+    __slots__ = ("tensors", "absmax", "kind")
+
+    def __init__(self, tensors: Tensors, absmax: Tensors | None, code: int):
+        self.tensors = tensors
+        self.absmax = absmax
+        self.kind = FP32_STATE if absmax is None else code
+
+
+def role(states: Mapping[str, Tensors], key: str, code: int) -> Role:
+    return Role(states[key], states.get(key + ABSMAX_SUFFIX), code)
 
 
 class _Contiguous:
@@ -115,13 +162,21 @@ def _buckets(params: Tensors, grads: Tensors | None) -> dict[tuple[int, int], li
     return buckets
 
 
-def _step_tables(ptrs, numels, params: Tensors, grads: Tensors | None):
-    """[(param dtype, grad dtype, tensors, numel table, P, G, S)] per bucket. ptrs: per role, params
+def _num_blocks(n: int) -> int:
+    return -(-n // QBLOCK)
+
+
+def _step_tables(ptrs, numels, absmax_ptrs, absmax_numels, params: Tensors, grads: Tensors | None):
+    """[(param dtype, grad dtype, tensors, numel table, P, G, S, A)] per bucket. ptrs: per role, params
     first, then grads when present, then every state slot (None where absent); numels: per role
-    present."""
+    present; absmax_ptrs / absmax_numels: per state slot, None unless it is int8."""
     sizes = numels[0]
     if any(ns != sizes for ns in numels[1:]):
         raise ValueError("cpu_kernels: every grad and state tensor must match its param's size")
+    for ns in absmax_numels:
+        if ns is not None and list(ns) != [_num_blocks(n) for n in sizes]:
+            raise ValueError(f"cpu_kernels: an int8 state's absmax must hold one value per {QBLOCK} elements of "
+                             f"its param: got {list(ns)} for params of {list(sizes)} elements")
     has_grads = grads is not None
     states = ptrs[2 if has_grads else 1:]
     out = []
@@ -130,72 +185,86 @@ def _step_tables(ptrs, numels, params: Tensors, grads: Tensors | None):
         gp = pp if not has_grads else [ptrs[1][i] for i in idx]
         # Absent optional states (layout None) are null rows the kernel's switches never read.
         sp = [None if role is None else role[i] for role in states for i in idx]
+        ap = [None if role is None else role[i] for role in absmax_ptrs for i in idx]
         out.append((pd, gd, len(idx), (ctypes.c_int64 * len(idx))(*[sizes[i] for i in idx]),
-                    _ptr_array(pp), _ptr_array(gp), _ptr_array(sp) if sp else None))
+                    _ptr_array(pp), _ptr_array(gp), _ptr_array(sp) if sp else None,
+                    _ptr_array(ap) if any(ap) else None))
     return out
 
 
-def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequence[Tensors | None],
+def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequence[Role | None],
             scalars: Sequence[float], flags: Sequence[int]) -> None:
     lib = library()
     sc = (ctypes.c_float * max(1, len(scalars)))(*scalars)
     fl = (ctypes.c_int * max(1, len(flags)))(*[int(f) for f in flags])
+    kinds = [FP32_STATE if r is None else r.kind for r in states]
+    kind = (ctypes.c_int * max(1, len(kinds)))(*kinds)
+    maps = code_tables() if any(kinds) else None
     nthreads = max(1, torch.get_num_threads())
-    for role in ([grads] if grads is not None else []) + [ts for ts in states if ts is not None]:
-        if len(role) != len(params):
+    for ts in ([grads] if grads is not None else []) + [r.tensors for r in states if r is not None] + \
+            [r.absmax for r in states if r is not None and r.absmax is not None]:
+        if len(ts) != len(params):
             raise ValueError("cpu_kernels: every grad and state tensor must match its param's size")
     fix = _Contiguous()
     ps = fix.role(params, True)
     gs = None if grads is None else fix.role(grads, False)
-    ss = [None if ts is None else fix.role(ts, True) for ts in states]
+    ss = [None if r is None else fix.role(r.tensors, True) for r in states]
+    aa = [None if r is None or r.absmax is None else fix.role(r.absmax, True) for r in states]
     roles = [ps] + ([gs] if gs is not None else []) + [ts for ts in ss if ts is not None]
     numels = tuple(tuple(map(_T.numel, ts)) for ts in roles)
     ptrs = [tuple(map(_T.data_ptr, ts)) for ts in roles]
     # Absent states keep their place (None) so that S's rows stay where the kernel looks for them.
     it = iter(ptrs[2 if gs is not None else 1:])
     ptrs = ptrs[:2 if gs is not None else 1] + [None if ts is None else next(it) for ts in ss]
-    build = lambda: _step_tables(ptrs, numels, ps, gs)  # noqa: E731
+    absmax_ptrs = tuple(None if ts is None else tuple(map(_T.data_ptr, ts)) for ts in aa)
+    absmax_numels = tuple(None if ts is None else tuple(map(_T.numel, ts)) for ts in aa)
+    build = lambda: _step_tables(ptrs, numels, absmax_ptrs, absmax_numels, ps, gs)  # noqa: E731
     if fix.copied:  # fresh copies: their pointers say nothing about the next call
         tables = build()
     else:
-        key = (family, gs is None, tuple(ptrs), numels, tuple(map(_DTYPE, ps)),
+        key = (family, gs is None, tuple(ptrs), numels, absmax_ptrs, absmax_numels, tuple(map(_DTYPE, ps)),
                None if gs is None else tuple(map(_DTYPE, gs)))
         tables = TABLES.get(key, build)
-    for pd, gd, n, numel, P, G, S in tables:
-        rc = lib.dist_optim_step(family, pd, gd, n, numel, P, G, S, len(states), sc, fl, nthreads)
+    for pd, gd, n, numel, P, G, S, A in tables:
+        rc = lib.dist_optim_step(family, pd, gd, n, numel, P, G, S, A, kind, maps, len(states), sc, fl, nthreads)
         if rc != 0:
             raise RuntimeError(f"cpu_kernels: step of family {family} failed with code {rc}")
     fix.finish()
     # The library writes through raw pointers: bump the version counters as an in-place torch op
     # would, so autograd still catches a saved param changed before its backward.
-    torch.autograd.graph.increment_version(list(params) + [t for ts in states if ts is not None for t in ts])
+    written = [t for r in states if r is not None for ts in (r.tensors, r.absmax or ()) for t in ts]
+    torch.autograd.graph.increment_version(list(params) + written)
 
 
 def sgd_step(params, grads, states, *, lr, momentum, dampening, weight_decay, nesterov, first_step, grad_scale) -> None:
     has_momentum = momentum != 0.0
-    bufs = [states["momentum_buffer"]] if has_momentum else []
+    bufs = [role(states, "momentum_buffer", SIGNED_INT8)] if has_momentum else []
     _launch(SGD, params, grads, bufs, [grad_scale, weight_decay, momentum, 1.0 - dampening, -lr],
             [weight_decay != 0.0, has_momentum, first_step, nesterov])
 
 
 def adagrad_step(params, grads, states, *, clr, weight_decay, eps, grad_scale) -> None:
-    _launch(ADAGRAD, params, grads, [states["sum"]], [grad_scale, weight_decay, eps, -clr], [weight_decay != 0.0])
+    _launch(ADAGRAD, params, grads, [role(states, "sum", UNSIGNED_INT8)], [grad_scale, weight_decay, eps, -clr],
+            [weight_decay != 0.0])
 
 
 def rmsprop_step(params, grads, states, *, lr, alpha, eps, weight_decay, momentum, centered, grad_scale) -> None:
     has_momentum = momentum > 0.0
     w, wm1, small = lerp_coeffs(1.0 - alpha)
-    sq = states["square_avg"]
-    roles = [sq, states["momentum_buffer"] if has_momentum else None, states["grad_avg"] if centered else None]
+    roles = [role(states, "square_avg", UNSIGNED_INT8),
+             role(states, "momentum_buffer", SIGNED_INT8) if has_momentum else None,
+             role(states, "grad_avg", SIGNED_INT8) if centered else None]
+    # int8 moments: v - m^2 is clamped at 0 before its sqrt, as on the torch path
+    clamp = centered and any(r.kind != FP32_STATE for r in roles if r is not None)
     _launch(RMSPROP, params, grads, roles, [grad_scale, weight_decay, alpha, w, eps, momentum, -lr, wm1],
-            [weight_decay != 0.0, centered, has_momentum, small])
+            [weight_decay != 0.0, centered, has_momentum, small, clamp])
 
 
 def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, amsgrad, step_size,
               bias_correction2_sqrt, grad_scale) -> None:
     w, wm1, small = lerp_coeffs(1.0 - beta1)
-    m, v = states["exp_avg"], states["exp_avg_sq"]
-    roles = [m, v, states["max_exp_avg_sq"] if amsgrad else None]
+    roles = [role(states, "exp_avg", SIGNED_INT8), role(states, "exp_avg_sq", UNSIGNED_INT8),
+             role(states, "max_exp_avg_sq", UNSIGNED_INT8) if amsgrad else None]
     _launch(ADAM, params, grads, roles,
             [grad_scale, weight_decay, 1.0 - lr * weight_decay, w, wm1, beta2, 1.0 - beta2, eps, -step_size,
              bias_correction2_sqrt, 0.0],
@@ -205,9 +274,10 @@ def adam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, dec
 def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, decoupled, rectified, step_size,
                lookahead_alpha, grad_scale) -> None:
     w, wm1, small = lerp_coeffs(1.0 - beta1)
-    m, v = states["exp_avg"], states["exp_avg_sq"]
     sync = lookahead_alpha is not None
-    roles = [m, v, states["slow_buffer"] if sync else None]
+    # The slow weights are never quantized: an fp32 role beside int8 moments.
+    roles = [role(states, "exp_avg", SIGNED_INT8), role(states, "exp_avg_sq", UNSIGNED_INT8),
+             Role(states["slow_buffer"], None, FP32_STATE) if sync else None]
     _launch(RADAM, params, grads, roles,
             [grad_scale, weight_decay, 1.0 - lr * weight_decay, w, wm1, beta2, 1.0 - beta2, eps, -step_size,
              1.0, lookahead_alpha if sync else 0.0],
@@ -215,7 +285,7 @@ def radam_step(params, grads, states, *, lr, beta1, beta2, eps, weight_decay, de
 
 
 def lookahead_sync(params, slow_buffers, *, alpha) -> None:
-    _launch(LOOKAHEAD, params, None, [slow_buffers], [alpha], [])
+    _launch(LOOKAHEAD, params, None, [Role(slow_buffers, None, FP32_STATE)], [alpha], [])
 
 
 def _sumsq_tables(ptrs, grads: Tensors):
