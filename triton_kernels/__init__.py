@@ -12,7 +12,11 @@ The update launchers (``sgd_step`` ... ``lookahead_sync``) also take, optionally
 - ``steps`` (adam, radam, adagrad): per-param one-element fp32 step counts on the device, from which
   each tensor's step-derived scalars are computed in the kernel (fp64, as the host does);
 - ``la_steps``, ``k`` (radam, lookahead_sync): per-param Lookahead counts; a tensor syncs when its
-  count is a multiple of k.
+  count is a multiple of k;
+- ``bf16_update`` ("nearest", "stochastic", "kahan"), ``sr_seeds``, ``sr_step`` (every update
+  launcher; ``steps`` too for sgd and rmsprop): how bf16 params store the fp32 result
+  (dist_optim.state.rounding), in registers in the same pass; slow weights (radam_step's
+  ``slow_buffer``, lookahead_sync's) may be fp32, bf16 or fp16.
 
 ``step_control`` decides a step's scale (grad_scale times the clip coefficient), its non-finite skip
 and its gradient norm on the device, and advances the step counters unless the step is skipped: with
@@ -22,6 +26,8 @@ Full chunks of 16-byte-aligned tensors run unmasked with 128-bit accesses, tails
 tensors masked; ``_aot`` checks the machine code of every specialization (tests/kernels/test_aot.py,
 benchmarks/aot_audit.py)."""
 
+import torch
+
 from ._support import supports
 
 __all__ = ["supports"]
@@ -29,6 +35,10 @@ __all__ = ["supports"]
 # The update launchers read step counters, the grad scale, the skip flag and Lookahead's sync
 # decision on the device (dist_optim.functional dispatches its device flow on this).
 READS_DEVICE_VALUES = True
+# The bf16 update modes and slow-weight dtypes the launchers implement (dist_optim.functional sends
+# a call with another to the torch path).
+ROUNDING_MODES = ("nearest", "stochastic", "kahan")
+SLOW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 try:
     import triton  # noqa: F401
