@@ -22,6 +22,10 @@ works, dist_optim on the torch path and on the fused CPU kernels (without the ch
 default non-finite skip, with clipping), and the in-place ``mul_`` bandwidth floor over as many bytes
 as each optimizer moves, all timed in turn within each repeat; plus AdamW with bf16 params (fp32
 state). Ratios: to torch fused AdamW (``x fused``), to DeepSpeedCPUAdam (``x DS``) and to the floor.
+With int8 state (``--state-dtypes``, default ``fp32,int8``; issue 12), AdamW with fp32 and with bf16
+params: the fused CPU kernels with int8 state (with and without the skip check) against the same
+kernels with fp32 state, the torch path with int8 state and torch's fused AdamW (fp32), timed in
+turn; ``--state-dtypes int8`` runs only these and writes ``step_throughput_cpu_int8.{md,json}``.
 """
 
 from __future__ import annotations
@@ -254,11 +258,40 @@ def check_pass(params):
     return lambda: grad_sumsq_and_flag(grads, backend="cpu")
 
 
-def step_bytes(name: str, dtype: torch.dtype) -> int:
-    """Bytes one step moves per param: params and grads in their dtype, state in fp32."""
+def int8_variants(name: str, dtype: torch.dtype):
+    """(label, factory(params) -> step callable) for an int8-state row group: int8 on the fused CPU
+    kernels and on the torch path, beside fp32 state on the same kernels and torch's fused AdamW."""
+    kw = BENCH_KWARGS[name]
+    ours = getattr(dist_optim, name)
+    baseline = BASELINES[name][0]
+    out = []
+    if name in CPU_FUSED and dtype == torch.float32:
+        out.append(("torch.optim fused (fp32 state)", lambda ps: baseline(ps, **kw, fused=True).step))
+    out.append(("dist_optim[cpu] fp32 state", lambda ps: ours(ps, **kw, backend="cpu", nonfinite="apply").step))
+    out.append(("dist_optim[torch] int8", lambda ps: ours(ps, **kw, backend="torch", nonfinite="apply",
+                                                          state_dtype="int8").step))
+    out.append(("dist_optim[cpu] int8", lambda ps: ours(ps, **kw, backend="cpu", nonfinite="apply",
+                                                        state_dtype="int8").step))
+    out.append(("dist_optim[cpu] int8 skip-check", lambda ps: ours(ps, **kw, backend="cpu", state_dtype="int8").step))
+    return out
+
+
+# Contenders of seconds per step at 32M params (the torch path's int8 step: dequantize, foreach math,
+# a searchsorted quantization): timed over fewer steps, one warm-up, after the interleaved ones.
+SLOW = ("dist_optim[torch] int8",)
+SLOW_REPEATS = 3
+
+INT8_BYTES = 1 + 4 / 256  # a moment's code and its share of the block's fp32 absmax
+
+
+def step_bytes(name: str, dtype: torch.dtype, state: str = "fp32") -> int:
+    """Bytes one step moves per param: params and grads in their dtype, state in fp32 (or int8 codes
+    with their absmax)."""
     _, reads, writes = BASELINES[name]
     width = torch.finfo(dtype).bits // 8
-    return 2 * width + width + 4 * (reads - 2 + writes - 1)  # p read+write, g read, state read+write
+    per_state = 4 if state == "fp32" else INT8_BYTES
+    # p read+write, g read, state read+write
+    return round(2 * width + width + per_state * (reads - 2 + writes - 1))
 
 
 def make_cpu_params(numel: int, dtype: torch.dtype, tensors: int) -> list[torch.Tensor]:
@@ -270,15 +303,29 @@ def make_cpu_params(numel: int, dtype: torch.dtype, tensors: int) -> list[torch.
     return params
 
 
-def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
+INT8_NAMES = ("AdamW",)  # the optimizers that get int8-state row groups
+
+
+def cpu_cases(names: list[str], state_dtypes: list[str]) -> list[tuple[str, torch.dtype, str]]:
+    """(optimizer, param dtype, state dtype) per row group."""
+    cases = []
+    if "fp32" in state_dtypes:
+        cases += [(name, torch.float32, "fp32") for name in names]
+        cases += [("AdamW", torch.bfloat16, "fp32")] if "AdamW" in names else []
+    if "int8" in state_dtypes:
+        cases += [(name, dtype, "int8") for name in names if name in INT8_NAMES
+                  for dtype in (torch.float32, torch.bfloat16)]
+    return cases
+
+
+def run_cpu(numel: int, repeats: int, names: list[str], tensors: int, state_dtypes: list[str]) -> dict:
     loads = [os.getloadavg()[0]]
     rows = []
-    cases = [(name, torch.float32) for name in names] + ([("AdamW", torch.bfloat16)] if "AdamW" in names else [])
-    for name, dtype in cases:
-        nbytes = step_bytes(name, dtype)
+    for name, dtype, state in cpu_cases(names, state_dtypes):
+        nbytes = step_bytes(name, dtype, state)
         floor_buf = torch.randn(nbytes * numel // 8)  # mul_ reads and writes 8 bytes per element
         steps, warmup_s = {}, {}
-        for label, factory in cpu_variants(name, dtype):
+        for label, factory in (cpu_variants if state == "fp32" else int8_variants)(name, dtype):
             try:
                 step = factory(make_cpu_params(numel, dtype, tensors))
                 start = time.perf_counter()
@@ -288,21 +335,29 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int) -> dict:
             except Exception as err:  # noqa: BLE001  (a contender that cannot run here is reported, not fatal)
                 print(f"  skip {name} {label}: {type(err).__name__}: {str(err)[:200]}")
         steps["in-place mul_ floor"] = lambda: floor_buf.mul_(1.0)
+        slow = {label: steps.pop(label) for label in SLOW if label in steps}
         results = time_interleaved(steps, torch.device("cpu"), repeats)
+        for label, step in slow.items():  # after the others, so they are timed on their own
+            results[label] = time_interleaved({label: step}, torch.device("cpu"), min(repeats, SLOW_REPEATS), warmup=1)[label]
         loads.append(os.getloadavg()[0])
         del steps
         floor = results["in-place mul_ floor"]
         for label, secs in results.items():
             moved = torch.finfo(dtype).bits // 8 if label == "check pass alone" else nbytes  # it reads the grads only
-            row = dict(optimizer=name, dtype=str(dtype).replace("torch.", ""), impl=label, numel=numel, ms=1e3 * secs,
-                       gbs=moved * numel / secs / 1e9, vs_floor=secs / floor, warmup_s=warmup_s.get(label))
+            row = dict(optimizer=name, dtype=str(dtype).replace("torch.", ""), state=state, impl=label, numel=numel,
+                       ms=1e3 * secs, gbs=moved * numel / secs / 1e9, vs_floor=secs / floor,
+                       warmup_s=warmup_s.get(label))
             rows.append(row)
-            print(f"{name:8s} {row['dtype']:9s} {label:32s} {1e3 * secs:9.2f} ms  x{secs / floor:5.2f} floor"
+            print(f"{name:8s} {row['dtype']:9s} {state:5s} {label:32s} {1e3 * secs:9.2f} ms  x{secs / floor:5.2f} floor"
                   + (f"  (first step {warmup_s[label]:.2f} s)" if label in warmup_s else ""), flush=True)
-    adamw = {r["impl"]: r["ms"] for r in rows if r["optimizer"] == "AdamW" and r["dtype"] == "float32"}
+    # torch's fused AdamW on fp32 params (fp32 state): timed in the fp32 AdamW group, or in the int8
+    # group with fp32 params when only int8 groups ran
+    fused = [r["ms"] for r in rows if r["optimizer"] == "AdamW" and r["dtype"] == "float32"
+             and r["impl"] in ("torch.optim fused", "torch.optim fused (fp32 state)")]
     for r in rows:
-        same = {x["impl"]: x["ms"] for x in rows if x["optimizer"] == r["optimizer"] and x["dtype"] == r["dtype"]}
-        r["vs_torch_fused_adamw"] = r["ms"] / adamw["torch.optim fused"] if "torch.optim fused" in adamw else None
+        same = {x["impl"]: x["ms"] for x in rows if (x["optimizer"], x["dtype"], x["state"]) ==
+                (r["optimizer"], r["dtype"], r["state"])}
+        r["vs_torch_fused_adamw"] = r["ms"] / fused[0] if fused else None
         r["vs_deepspeed"] = r["ms"] / same["DeepSpeedCPUAdam"] if "DeepSpeedCPUAdam" in same else None
     # Other processes on the machine take cores and memory bandwidth from the run: say how busy it was.
     return {"device": device_name(torch.device("cpu")), "torch": torch.__version__, "repeats": repeats,
@@ -333,18 +388,46 @@ def markdown_cpu(result: dict) -> str:
         "is the check's share of a step at the update's bandwidth. "
         "Where the cores are shared with other work, a kernel that forks and joins threads once per tensor "
         "(torch fused, DeepSpeedCPUAdam) waits on descheduled threads at every join, while ours joins once per step: "
-        "compare kernels at one thread, and read full-thread tables on a shared machine as what that machine gave.",
+        "compare kernels at one thread, and read full-thread tables on a shared machine as what that machine gave. "
+        "`state` int8: moments as uint8 codes with an fp32 absmax per 256 elements (state_dtype='int8'); its bytes "
+        "(and its floor) count 1 + 4/256 bytes per moment element read and written; `dist_optim[torch] int8` "
+        f"(seconds per step) is timed after the row group's others, median of {SLOW_REPEATS} steps.",
         "",
-        "| optimizer | params | implementation | ms/step | GB/s | x floor | x fused AdamW | x DS | first step s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| optimizer | params | state | implementation | ms/step | GB/s | x floor | x fused AdamW | x DS | first step s |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     fmt = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
     for r in result["rows"]:
         lines.append(
-            f"| {r['optimizer']} | {r['dtype']} | {r['impl']} | {r['ms']:.2f} | {r['gbs']:.1f} | {r['vs_floor']:.2f} | "
-            f"{fmt(r['vs_torch_fused_adamw'], '.2f')} | {fmt(r['vs_deepspeed'], '.2f')} | {fmt(r['warmup_s'], '.2f')} |"
+            f"| {r['optimizer']} | {r['dtype']} | {r.get('state', 'fp32')} | {r['impl']} | {r['ms']:.2f} | "
+            f"{r['gbs']:.1f} | {r['vs_floor']:.2f} | {fmt(r['vs_torch_fused_adamw'], '.2f')} | "
+            f"{fmt(r['vs_deepspeed'], '.2f')} | {fmt(r['warmup_s'], '.2f')} |"
         )
+    ratios = int8_ratios(result["rows"])
+    if ratios:
+        lines += ["", "int8 state, ratios of step times within each row group (> 1: the first is slower):", ""]
+        lines += [f"- {line}" for line in ratios]
     return "\n".join(lines) + "\n"
+
+
+def int8_ratios(rows: list[dict]) -> list[str]:
+    """Per int8 row group: the fused int8 step against the same kernels on fp32 state, against the
+    torch path's int8 step and against torch's fused AdamW (fp32)."""
+    out = []
+    for name, dtype in dict.fromkeys((r["optimizer"], r["dtype"]) for r in rows if r.get("state") == "int8"):
+        ms = {r["impl"]: r["ms"] for r in rows if (r["optimizer"], r["dtype"], r.get("state")) == (name, dtype, "int8")}
+        fused_int8 = ms.get("dist_optim[cpu] int8")
+        if fused_int8 is None:
+            continue
+        parts = [f"{label} {fused_int8 / ms[other]:.2f}" for label, other in
+                 (("/ [cpu] fp32 state", "dist_optim[cpu] fp32 state"), ("/ [torch] int8", "dist_optim[torch] int8"))
+                 if other in ms]
+        fused = next((r["vs_torch_fused_adamw"] for r in rows if r.get("state") == "int8" and r["optimizer"] == name
+                      and r["dtype"] == dtype and r["impl"] == "dist_optim[cpu] int8"), None)
+        if fused is not None:
+            parts.append(f"/ torch fused AdamW (fp32 params and state) {fused:.2f}")
+        out.append(f"{name}, {dtype} params: [cpu] int8 " + ", ".join(parts))
+    return out
 
 
 def markdown(result: dict) -> str:
@@ -378,6 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensors", type=int, default=20, help="CPU: how many tensors the params are split over")
     parser.add_argument("--threads", default=None, help="CPU: comma-separated thread counts, one table each (default: torch's)")
     parser.add_argument("--optimizers", default=",".join(BASELINES))
+    parser.add_argument("--state-dtypes", default="fp32,int8",
+                        help="CPU: fp32 (every optimizer), int8 (AdamW with fp32 and bf16 params) or both")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
@@ -392,11 +477,16 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"step_throughput_{device.type}"
     if device.type == "cpu":
+        state_dtypes = args.state_dtypes.split(",")
+        if not set(state_dtypes) <= {"fp32", "int8"}:
+            parser.error(f"--state-dtypes takes fp32 and/or int8, got {args.state_dtypes!r}")
+        if state_dtypes == ["int8"]:
+            stem += "_int8"
         threads = [int(t) for t in (args.threads or str(torch.get_num_threads())).split(",")]
         results = []
         for nthreads in threads:
             torch.set_num_threads(nthreads)
-            results += [run_cpu(numel, args.repeats or 15, names, args.tensors) for numel in sizes]
+            results += [run_cpu(numel, args.repeats or 15, names, args.tensors, state_dtypes) for numel in sizes]
         command = " ".join(["python benchmarks/step_throughput.py", *(argv if argv is not None else sys.argv[1:])])
         for r in results:
             r["command"] = command
