@@ -6,6 +6,8 @@ mode; malformed int8 entries are refused naming the entry."""
 
 from __future__ import annotations
 
+import copy
+
 import io
 
 import pytest
@@ -255,8 +257,10 @@ def test_int8_form_for_a_shape_without_one_is_refused():
 
 
 def test_non_moment_float_state_keeps_its_saved_dtype_and_moments_become_fp32():
-    """Ranger's slow weights saved in bf16 (as a bf16-weights mode keeps them) stay bf16; a moment
-    saved in bf16 is widened to fp32, the dtype the update kernels read."""
+    """Ranger's slow weights saved in bf16 (as slow_dtype="bf16" keeps them) load bit-exactly into
+    a Ranger keeping bf16 slow weights; a moment saved in bf16 is widened to fp32, the dtype the
+    update kernels read. A Ranger keeping fp32 slow weights (fp32 params, the default slow_dtype)
+    gets them in fp32: the loader's slow_dtype wins, as in a DCP load into its own state."""
     params = ckpt_params()
     opt = dist_optim.Ranger(params, lr=0.01, k=2, backend="torch")
     run(opt, params, 0, 2)
@@ -265,8 +269,12 @@ def test_non_moment_float_state_keeps_its_saved_dtype_and_moments_become_fp32():
     sd["state"][i]["slow_buffer"] = sd["state"][i]["slow_buffer"].to(torch.bfloat16)
     sd["state"][i]["exp_avg"] = sd["state"][i]["exp_avg"].to(torch.bfloat16)
     copies = clones(params)
-    other = dist_optim.Ranger(copies, lr=0.01, k=2, backend="torch")
-    other.load_state_dict(sd)
+    other = dist_optim.Ranger(copies, lr=0.01, k=2, backend="torch", slow_dtype="bf16")
+    other.load_state_dict(copy.deepcopy(sd))
     state = other.state[copies[i]]
     assert state["slow_buffer"].dtype == torch.bfloat16 and torch.equal(state["slow_buffer"], sd["state"][i]["slow_buffer"])
     assert state["exp_avg"].dtype == torch.float32 and torch.equal(state["exp_avg"], sd["state"][i]["exp_avg"].float())
+    default = dist_optim.Ranger(clones(params), lr=0.01, k=2, backend="torch")
+    default.load_state_dict(sd)
+    slow = next(s["slow_buffer"] for p, s in default.state.items() if p.shape == ROWS_OF_512)
+    assert slow.dtype == torch.float32 and torch.equal(slow, sd["state"][i]["slow_buffer"].float())
