@@ -183,6 +183,8 @@ class FusedOptimizer(Optimizer):
         self.process_group = process_group
         self._given_params.update((id(p), p) for g in self.param_groups for p in g["params"])
         self._binding_pending = False
+        # the replaced params' stream bases would keep them alive; the new ones number afresh
+        self._stream_bases.clear()
 
     def expect_binding(self) -> None:
         """An integration is about to wrap us and will call ``bind_params``; until then statistics
