@@ -173,3 +173,37 @@ def test_reblock_checks_the_layouts():
         checkpoint.reblock(shards, [0, 50, 100], [0, 99], codes.SIGNED, 16)
     with pytest.raises(ValueError):
         checkpoint.reblock(shards, [0, 40, 100], [0, 100], codes.SIGNED, 16)
+
+
+@pytest.mark.parametrize("code", [codes.SIGNED, codes.UNSIGNED], ids=["signed", "unsigned"])
+def test_dequantize_pieces_equals_the_shards_own_dequantized_values(code):
+    """Fragments of shards (a ZeRO partition's slice of one param), each starting and ending
+    mid-block, give the same fp32 values as dequantizing each whole shard and slicing it."""
+    block, n = 64, 64 * 20 + 9
+    x = heavy(n, code is codes.SIGNED, seed=5)
+    bounds = [0, 500, 1000, n]
+    shards = shard(x, bounds, code, block)
+    whole = [blockwise.dequantize_blockwise(q, a, code, block) for q, a in shards]
+    cuts = [(0, 70, 499), (1, 0, 3), (1, 130, 130), (2, 1, n - 1000)]
+    got = checkpoint.dequantize_pieces([(*shards[i], lo, hi) for i, lo, hi in cuts], code, block)
+    want = torch.cat([whole[i][lo:hi] for i, lo, hi in cuts])
+    assert torch.equal(got, want)
+    assert checkpoint.dequantize_pieces([], code, block).shape == (0,)
+
+
+def test_dequantize_pieces_refuses_a_piece_outside_its_shard():
+    q, a = blockwise.quantize_blockwise(torch.randn(100), codes.SIGNED, 16)
+    for lo, hi in ((-1, 5), (10, 101), (20, 10)):
+        with pytest.raises(ValueError, match=rf"piece \[{lo}, {hi}\) lies outside its shard of 100 codes"):
+            checkpoint.dequantize_pieces([(q, a, lo, hi)], codes.SIGNED, 16)
+
+
+def test_saved_absmax_shape_follows_dim0_slices():
+    from dist_optim.state.layout import saved_absmax_shape
+
+    assert saved_absmax_shape((4101,)) == (17,)
+    assert saved_absmax_shape((71, 512)) == (71, 2)
+    assert saved_absmax_shape((3, 4, 128)) == (3, 2)  # 512 elements per dim-0 slice
+    assert saved_absmax_shape((0, 256)) == (0, 1)
+    assert saved_absmax_shape((65, 66)) is None and saved_absmax_shape((71, 64)) is None
+    assert saved_absmax_shape(()) is None
