@@ -23,6 +23,8 @@ dispatcher.
 
 from __future__ import annotations
 
+import torch
+
 from ._build import BuildError, available
 from .launch import (
     accepts,
@@ -38,9 +40,15 @@ from .launch import (
 # The launchers take int8 moments (codes + absmax) as the Triton launchers do; the functional layer
 # sends int8 state here only when this is True.
 QUANTIZED_STATE = True
+# The bf16 write modes (dist_optim.state.rounding: stochastic rounding on the same hash, Kahan
+# compensation) and the slow-weight dtypes the launchers implement, bit for bit as the torch path.
+ROUNDING_MODES = ("nearest", "stochastic", "kahan")
+SLOW_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
     "QUANTIZED_STATE",
+    "ROUNDING_MODES",
+    "SLOW_DTYPES",
     "BuildError",
     "accepts",
     "adagrad_step",

@@ -109,7 +109,7 @@ def library() -> ctypes.CDLL:
     ip = ctypes.POINTER(ctypes.c_int)
     lib.dist_optim_step.argtypes = [
         ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64, i64p, vpp, vpp, vpp, vpp, ip, fp, ctypes.c_int,
-        fp, ip, ctypes.c_int,
+        ctypes.c_int, ctypes.POINTER(ctypes.c_uint32), vpp, fp, ip, ctypes.c_int,
     ]
     lib.dist_optim_sumsq.restype = ctypes.c_int
     lib.dist_optim_sumsq.argtypes = [

@@ -134,7 +134,9 @@ inline float nan_max(float a, float b) {  // torch.maximum propagates NaN
 
 // ---- int8 state --------------------------------------------------------------------------------
 // How a state role is stored: fp32, or int8 codes against the signed or the unsigned code map.
-enum StateKind : int { FP32_STATE = 0, SIGNED_INT8 = 1, UNSIGNED_INT8 = 2 };
+// Slow weights may be stored in bf16 or fp16 (widened into the block buffer like int8 roles).
+enum StateKind : int { FP32_STATE = 0, SIGNED_INT8 = 1, UNSIGNED_INT8 = 2, BF16_STATE = 3, F16_STATE = 4 };
+inline bool is_int8(int kind) { return kind == SIGNED_INT8 || kind == UNSIGNED_INT8; }
 
 // The code maps and their threshold tables, as dist_optim.state.codes builds them: per kind, CODES
 // fp32 values then CODES thresholds (255 midpoints and a +inf pad the search never reads).
@@ -273,11 +275,83 @@ inline void quantize(const float* __restrict x, int64_t n, const Thresholds& thr
   }
 }
 
+// ---- bf16 param writes (dist_optim.state.rounding) ----------------------------------------------
+enum RoundMode : int { NEAREST = 0, STOCHASTIC = 1, KAHAN = 2 };
+
+inline uint32_t fmix32(uint32_t h) {  // murmur3's finalizer; uint32 multiplications wrap as the reference's
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  return h ^ (h >> 16);
+}
+
+// n results from element `first` of the tensor, rounded stochastically with the tensor's stream:
+// 16 bits of hash32(stream, index) added below bf16's last mantissa bit, then truncated.
+inline void store_stochastic(uint16_t* __restrict d, const float* __restrict x, int64_t n, int64_t first,
+                             uint32_t stream) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t index = uint64_t(first + i);
+    const uint32_t key = fmix32(stream ^ fmix32(uint32_t(index >> 32)));
+    const uint32_t rand = fmix32(key ^ fmix32(uint32_t(index))) & 0xFFFFu;
+    uint32_t bits;
+    std::memcpy(&bits, x + i, 4);
+    const uint16_t out = uint16_t((bits + rand) >> 16);
+    d[i] = x[i] != x[i] ? uint16_t(0x7FC0) : out;
+  }
+}
+
+// n results added to the bf16 params through their bf16 compensation (kahan_add_bf16): the update is
+// the result minus the old param, both fp32; d holds the old params until overwritten here.
+inline void store_kahan(uint16_t* __restrict d, uint16_t* __restrict comp, const float* __restrict x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float old = bf16_to_f32(d[i]);
+    const float y = (x[i] - old) + bf16_to_f32(comp[i]);
+    const uint16_t now = f32_to_bf16(old + y);
+    comp[i] = f32_to_bf16(y - (bf16_to_f32(now) - old));
+    d[i] = now;
+  }
+}
+
+// How a call writes its bf16 params: the mode, and per tensor of the bucket its stream
+// (stochastic) or its compensation buffer (Kahan).
+struct Rounding {
+  int mode;
+  const uint32_t* streams;
+  void* const* comps;
+};
+
 // Every element-wise family: one block of n elements, fp32 p (in/out), fp32 grads (read), states.
 struct Args {
   const float* sc;  // scalars, meaning per family
   const int* fl;    // flags, meaning per family
+  int slow;         // Dtype the slow weights are stored in (Lookahead, Ranger's sync)
 };
+
+// A value as it reads back after being stored in dtype D (round to nearest even).
+template <int D>
+inline float round_trip(float x) {
+  if constexpr (D == BF16) return bf16_to_f32(f32_to_bf16(x));
+  else if constexpr (D == F16) return f16_to_f32_scalar(f32_to_f16_scalar(x));
+  else return x;
+}
+
+// The Lookahead pull: slow = slow + alpha * (fast - slow) in fp32 (one fused multiply-add, as
+// torch's add with alpha), stored in the slow weights' dtype, and the fast weights take the stored
+// value (the torch path copies the stored slow weights into the fp32 params).
+inline void pull(float* __restrict p, float* __restrict slow, int64_t n, float la, int slow_dtype) {
+  auto loop = [&](auto d_c) {
+    constexpr int D = decltype(d_c)::value;
+    for (int64_t i = 0; i < n; ++i) {
+      float s = round_trip<D>(std::fma(p[i] - slow[i], la, slow[i]));
+      slow[i] = s;
+      p[i] = s;
+    }
+  };
+  if (slow_dtype == BF16) loop(std::integral_constant<int, BF16>{});
+  else if (slow_dtype == F16) loop(std::integral_constant<int, F16>{});
+  else loop(std::integral_constant<int, F32>{});
+}
 
 enum Family : int { SGD = 0, ADAGRAD = 1, RMSPROP = 2, ADAM = 3, RADAM = 4, LOOKAHEAD = 5 };
 
@@ -430,24 +504,11 @@ void block(float* __restrict p, const float* __restrict gin, float* const* S, in
     if (opt) { if (small) with_wd(T{}, T{}); else with_wd(T{}, N{}); }
     else { if (small) with_wd(N{}, T{}); else with_wd(N{}, N{}); }
     if constexpr (F == RADAM) {
-      if (f[4]) {
-        const float la = c[10];
-        for (int64_t i = 0; i < n; ++i) {
-          float s = std::fma(p[i] - x[i], la, x[i]);
-          x[i] = s;
-          p[i] = s;
-        }
-      }
+      if (f[4]) pull(p, x, n, c[10], a.slow);
     }
   } else if constexpr (F == LOOKAHEAD) {
     // sc: alpha. No grad.
-    float* __restrict slow = S[0];
-    const float la = c[0];
-    for (int64_t i = 0; i < n; ++i) {
-      float s = std::fma(p[i] - slow[i], la, slow[i]);
-      slow[i] = s;
-      p[i] = s;
-    }
+    pull(p, S[0], n, c[0], a.slow);
   }
 }
 
@@ -483,13 +544,16 @@ struct States {
 };
 
 template <int F, int PD, int GD>
-void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& st, const float* sc,
-         const int* fl, int nthreads) {
+void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& st, const Rounding& rd,
+         const float* sc, const int* fl, int nthreads) {
   int64_t nc = count_chunks(nt, numel);
   if (nc == 0) return;
   Chunk* chunks = new Chunk[nc];
   build_chunks(nt, numel, chunks);
-  Args a{sc, fl};
+  int slow = F32;  // the slow weights' role: Lookahead's first, Ranger's third
+  const int slow_role = F == LOOKAHEAD ? 0 : 2;
+  if (slow_role < st.n) slow = st.kind[slow_role] == BF16_STATE ? BF16 : st.kind[slow_role] == F16_STATE ? F16 : F32;
+  Args a{sc, fl, slow};
   #pragma omp parallel num_threads(int(std::min<int64_t>(nthreads, nc)))
   {
     alignas(64) float pbuf[BLOCK];
@@ -508,6 +572,10 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const
           if (base == nullptr) continue;
           if (st.kind[j] == FP32_STATE) {
             s[j] = static_cast<float*>(base) + off;
+          } else if (st.kind[j] == BF16_STATE) {
+            s[j] = load<BF16>(base, off, n, sbuf[j]);
+          } else if (st.kind[j] == F16_STATE) {
+            s[j] = load<F16>(base, off, n, sbuf[j]);
           } else {
             dequantize(static_cast<const uint8_t*>(base) + off, st.absmax[j * nt + ch.t] + off / QBLOCK, n,
                        code_map(st.maps, st.kind[j]).value, sbuf[j]);
@@ -515,10 +583,18 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const
           }
         }
         block<F>(p, g, s, n, a);
-        store<PD>(P[ch.t], off, n, p);
+        if (PD == BF16 && rd.mode == STOCHASTIC)
+          store_stochastic(static_cast<uint16_t*>(P[ch.t]) + off, p, n, off, rd.streams[ch.t]);
+        else if (PD == BF16 && rd.mode == KAHAN)
+          store_kahan(static_cast<uint16_t*>(P[ch.t]) + off, static_cast<uint16_t*>(rd.comps[ch.t]) + off, p, n);
+        else
+          store<PD>(P[ch.t], off, n, p);
         for (int j = 0; j < st.n; ++j) {
           void* base = st.data[j * nt + ch.t];
           if (base == nullptr || st.kind[j] == FP32_STATE) continue;
+          // the block stored values already representable in the slow weights' dtype: exact
+          if (st.kind[j] == BF16_STATE) { store<BF16>(base, off, n, sbuf[j]); continue; }
+          if (st.kind[j] == F16_STATE) { store<F16>(base, off, n, sbuf[j]); continue; }
           quantize(sbuf[j], n, st.thresholds(st.kind[j]), static_cast<uint8_t*>(base) + off,
                    st.absmax[j * nt + ch.t] + off / QBLOCK);
         }
@@ -530,21 +606,21 @@ void run(int64_t nt, const int64_t* numel, void* const* P, void* const* G, const
 
 template <int F, int PD>
 void dispatch_g(int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& S,
-                const float* sc, const int* fl, int nth) {
+                const Rounding& R, const float* sc, const int* fl, int nth) {
   switch (gd) {
-    case F32: run<F, PD, F32>(nt, numel, P, G, S, sc, fl, nth); break;
-    case BF16: run<F, PD, BF16>(nt, numel, P, G, S, sc, fl, nth); break;
-    case F16: run<F, PD, F16>(nt, numel, P, G, S, sc, fl, nth); break;
+    case F32: run<F, PD, F32>(nt, numel, P, G, S, R, sc, fl, nth); break;
+    case BF16: run<F, PD, BF16>(nt, numel, P, G, S, R, sc, fl, nth); break;
+    case F16: run<F, PD, F16>(nt, numel, P, G, S, R, sc, fl, nth); break;
   }
 }
 
 template <int F>
 void dispatch_p(int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G, const States& S,
-                const float* sc, const int* fl, int nth) {
+                const Rounding& R, const float* sc, const int* fl, int nth) {
   switch (pd) {
-    case F32: dispatch_g<F, F32>(gd, nt, numel, P, G, S, sc, fl, nth); break;
-    case BF16: dispatch_g<F, BF16>(gd, nt, numel, P, G, S, sc, fl, nth); break;
-    case F16: dispatch_g<F, F16>(gd, nt, numel, P, G, S, sc, fl, nth); break;
+    case F32: dispatch_g<F, F32>(gd, nt, numel, P, G, S, R, sc, fl, nth); break;
+    case BF16: dispatch_g<F, BF16>(gd, nt, numel, P, G, S, R, sc, fl, nth); break;
+    case F16: dispatch_g<F, F16>(gd, nt, numel, P, G, S, R, sc, fl, nth); break;
   }
 }
 
@@ -619,30 +695,37 @@ void sumsq_run(int64_t nt, const int64_t* numel, void* const* G, double* out_sum
 extern "C" {
 
 // family: Family; pd/gd: Dtype of params/grads; S: nstate x nt state pointers (row-major, null
-// allowed), each role fp32 or uint8 codes per kind[role] (StateKind) with A (nstate x nt) holding
-// int8 roles' absmax pointers; maps: the code tables (4 x 256 fp32: signed values, signed
-// thresholds, unsigned values, unsigned thresholds), read only when a role is int8.
+// allowed), each role stored per kind[role] (StateKind): fp32, uint8 codes with A (nstate x nt)
+// holding the int8 roles' absmax pointers, or bf16/fp16 (slow weights); maps: the code tables
+// (4 x 256 fp32: signed values, signed thresholds, unsigned values, unsigned thresholds), read only
+// when a role is int8. round_mode (RoundMode) says how bf16 params are written: streams (nt uint32
+// stream seeds) for stochastic rounding, comps (nt bf16 compensation buffers) for Kahan.
 int dist_optim_step(int family, int pd, int gd, int64_t nt, const int64_t* numel, void* const* P, void* const* G,
                     void* const* S, float* const* A, const int* kind, const float* maps, int nstate,
+                    int round_mode, const uint32_t* streams, void* const* comps,
                     const float* sc, const int* fl, int nthreads) {
   if (pd < 0 || pd > 2 || gd < 0 || gd > 2 || nstate > 3 || nthreads < 1) return 1;
   for (int j = 0; j < nstate; ++j) {
-    if (kind[j] < FP32_STATE || kind[j] > UNSIGNED_INT8) return 3;
-    if (kind[j] != FP32_STATE && (A == nullptr || maps == nullptr)) return 3;
+    if (kind[j] < FP32_STATE || kind[j] > F16_STATE) return 3;
+    if (is_int8(kind[j]) && (A == nullptr || maps == nullptr)) return 3;
   }
+  if (round_mode < NEAREST || round_mode > KAHAN) return 4;
+  if (pd == BF16 && ((round_mode == STOCHASTIC && streams == nullptr) || (round_mode == KAHAN && comps == nullptr)))
+    return 4;
   alignas(64) float columns[2 * CODES];
   if (maps != nullptr) {
     transpose16(code_map(maps, SIGNED_INT8).threshold, columns);
     transpose16(code_map(maps, UNSIGNED_INT8).threshold, columns + CODES);
   }
   const States st{S, A, kind, maps, columns, nstate};
+  const Rounding rd{round_mode, streams, comps};
   switch (family) {
-    case SGD: dispatch_p<SGD>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
-    case ADAGRAD: dispatch_p<ADAGRAD>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
-    case RMSPROP: dispatch_p<RMSPROP>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
-    case ADAM: dispatch_p<ADAM>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
-    case RADAM: dispatch_p<RADAM>(pd, gd, nt, numel, P, G, st, sc, fl, nthreads); break;
-    case LOOKAHEAD: dispatch_p<LOOKAHEAD>(pd, F32, nt, numel, P, G, st, sc, fl, nthreads); break;
+    case SGD: dispatch_p<SGD>(pd, gd, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
+    case ADAGRAD: dispatch_p<ADAGRAD>(pd, gd, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
+    case RMSPROP: dispatch_p<RMSPROP>(pd, gd, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
+    case ADAM: dispatch_p<ADAM>(pd, gd, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
+    case RADAM: dispatch_p<RADAM>(pd, gd, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
+    case LOOKAHEAD: dispatch_p<LOOKAHEAD>(pd, F32, nt, numel, P, G, st, rd, sc, fl, nthreads); break;
     default: return 2;
   }
   return 0;

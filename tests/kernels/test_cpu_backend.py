@@ -366,3 +366,165 @@ def dist_optim_adamw(params, maximize):
     import dist_optim
 
     return dist_optim.AdamW(params, lr=0.01, maximize=maximize, max_grad_norm=1.0, backend="cpu")
+
+
+# --- the bf16 write modes and slow-weight dtypes (dist_optim.state.rounding's contract) -------------
+#
+# Exactness is tested on the write itself: the kernels' fp32 result x of a bf16 param is what the
+# same kernels compute for an fp32 copy of that param (bf16 -> fp32 widening is exact, the math
+# identical), so the bf16 param must be, bit for bit, stochastic_round_bf16(x, step_stream(base, t),
+# index) or kahan_add_bf16(p_old, comp, x - p_old). SGD's fp32 math equals the torch path's bit for
+# bit, so there the whole step is compared with the torch path too.
+
+from dist_optim.state import rounding as R  # noqa: E402
+
+BF16_SIZES = [1, 7, 1003, 0, 70001]
+
+
+def rounding_cases():
+    """(family name, state keys, step(params, grads, states, t, **rounding kwargs) on the CPU kernels)."""
+    def sgd(p, g, s, t, **kw):
+        F.sgd_step(p, g, s, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=True, first_step=t == 1,
+                   grad_scale=0.5, step=t, backend="cpu", **kw)
+
+    def adagrad(p, g, s, t, **kw):
+        F.adagrad_step(p, g, s, lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, step=t, grad_scale=0.37,
+                       backend="cpu", **kw)
+
+    def rmsprop(p, g, s, t, **kw):
+        F.rmsprop_step(p, g, s, lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.01, momentum=0.5, centered=False,
+                       grad_scale=0.8, step=t, backend="cpu", **kw)
+
+    def adam(p, g, s, t, **kw):
+        F.adam_step(p, g, s, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, decoupled=True,
+                    amsgrad=True, step=t, grad_scale=-0.5, backend="cpu", **kw)
+
+    def radam(p, g, s, t, **kw):
+        F.radam_step(p, g, s, lr=0.01, beta1=0.95, beta2=0.9, eps=1e-5, weight_decay=0.05, decoupled=False,
+                     rho_threshold=5.0, step=t, grad_scale=1.3, backend="cpu", **kw)
+
+    return [("sgd", ["momentum_buffer"], sgd), ("adagrad", ["sum"], adagrad),
+            ("rmsprop", ["square_avg", "momentum_buffer"], rmsprop),
+            ("adam", ["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], adam), ("radam", ["exp_avg", "exp_avg_sq"], radam)]
+
+
+ROUNDING_CASES = {name: (keys, fn) for name, keys, fn in rounding_cases()}
+
+
+def fp32_copy(data):
+    params, grads, states = clone(*data)
+    return [p.float() for p in params], grads, states
+
+
+@pytest.mark.parametrize("family", sorted(ROUNDING_CASES))
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_bf16_write_modes_are_the_reference_roundings_of_the_kernels_fp32_results(family, mode):
+    keys, step = ROUNDING_CASES[family]
+    data = make(torch.bfloat16, keys, sizes=BF16_SIZES)
+    bases = [R.param_base(1234, i, 0) for i in range(len(BF16_SIZES))]
+    seeds = [torch.tensor(b, dtype=torch.int64) for b in bases]
+    comps = [torch.randn(n).bfloat16() * 2**-9 for n in BF16_SIZES]  # a residual below half a bf16 ulp of ~1
+    if mode == "kahan":
+        data[2]["kahan_comp"] = comps
+    for t in (1, 6):  # RAdam at beta2 0.9: the momentum step at t = 1, rectified at 6
+        wide = fp32_copy(data)
+        step(*wide, t)  # the kernels' fp32 results, rounded nowhere
+        old_params, old_comps = [p.clone() for p in data[0]], [c.clone() for c in comps]
+        kw = dict(bf16_update=mode) | (dict(sr_seeds=seeds) if mode == "stochastic" else {})
+        step(*data, t, **kw)
+        for i, (p, x, old) in enumerate(zip(data[0], wide[0], old_params)):
+            if mode == "stochastic":
+                want = R.stochastic_round_bf16(x, R.step_stream(bases[i], t), R.element_indices(x))
+            else:
+                want, want_comp = R.kahan_add_bf16(old, old_comps[i], x - old.float())
+                assert torch.equal(comps[i].view(torch.int16), want_comp.view(torch.int16)), i
+            assert torch.equal(p.view(torch.int16), want.view(torch.int16)), (i, t)
+        for key in keys:  # the moments do not depend on how the params are written
+            for a, b in zip(data[2][key], wide[2][key]):
+                assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_sgd_bf16_write_modes_equal_the_torch_path_bit_for_bit(mode):
+    """SGD's fp32 math is the torch path's bit for bit, so the whole step must be too, and an fp32 and
+    an fp16 param in the same call keep their own writes (the modes are for bf16 params only)."""
+    dtypes = [torch.bfloat16, torch.float32, torch.float16, torch.bfloat16]
+    gen = torch.Generator().manual_seed(3)
+    sizes = [1003, 64, 77, 70001]
+    params = [torch.randn(n, generator=gen).to(d) for n, d in zip(sizes, dtypes)]
+    grads = [torch.randn(n, generator=gen).to(d) for n, d in zip(sizes, dtypes)]
+    states = {"momentum_buffer": [torch.randn(n, generator=gen) for n in sizes]}
+    if mode == "kahan":
+        states["kahan_comp"] = [torch.zeros(n, dtype=torch.bfloat16) for n in sizes]
+    ours, ref = clone(params, grads, states), clone(params, grads, states)
+    seeds = [torch.tensor(R.param_base(7, i), dtype=torch.int64) for i in range(len(sizes))]
+    for t in (1, 2, 3):
+        for data, backend in ((ours, "cpu"), (ref, "torch")):
+            F.sgd_step(*data, lr=0.001, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                       first_step=t == 1, step=t, bf16_update=mode, sr_seeds=seeds, backend=backend)
+        for a, b in zip(ours[0], ref[0]):
+            assert torch.equal(a, b)
+        for key in ours[2]:
+            for a, b in zip(ours[2][key], ref[2][key]):
+                assert torch.equal(a, b), key
+
+
+def test_bf16_update_modes_are_checked_by_the_launchers():
+    params, grads, states = make(torch.bfloat16, ["momentum_buffer"], sizes=[5])
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True, grad_scale=1.0)
+    with pytest.raises(ValueError, match="bf16_update: 'up'"):
+        cpu_kernels.sgd_step(params, grads, states, **kw, bf16_update="up")
+    with pytest.raises(ValueError, match="needs sr_seeds"):
+        cpu_kernels.sgd_step(params, grads, states, **kw, bf16_update="stochastic", sr_step=1)
+    with pytest.raises(ValueError, match="kahan_comp"):
+        cpu_kernels.sgd_step(params, grads, states, **kw, bf16_update="kahan")
+    assert cpu_kernels.ROUNDING_MODES == ("nearest", "stochastic", "kahan")
+
+
+SLOW = [torch.float32, torch.bfloat16, torch.float16]
+SLOW_IDS = ["slow-fp32", "slow-bf16", "slow-fp16"]
+
+
+@pytest.mark.parametrize("slow_dtype", SLOW, ids=SLOW_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_lookahead_sync_with_slow_weights_in_any_dtype_equals_the_torch_path(dtype, slow_dtype):
+    """slow = slow + alpha (fast - slow) in fp32, stored in the slow dtype (nearest), the params take the
+    stored value: no sqrt, so bit for bit."""
+    data = make(dtype, ["slow_buffer"])
+    data[2]["slow_buffer"] = [s.to(slow_dtype) for s in data[2]["slow_buffer"]]
+    ref = clone(*data)
+    assert fused_kernels("cpu", data[0], None, data[2]) is cpu_kernels
+    for t in (1, 2):
+        F.lookahead_sync(data[0], data[2]["slow_buffer"], alpha=0.3, backend="cpu")
+        F.lookahead_sync(ref[0], ref[2]["slow_buffer"], alpha=0.3, backend="torch")
+        for a, b in zip(data[0] + data[2]["slow_buffer"], ref[0] + ref[2]["slow_buffer"]):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("slow_dtype", SLOW, ids=SLOW_IDS)
+@pytest.mark.parametrize("mode", ["nearest", "stochastic", "kahan"])
+def test_ranger_sync_writes_the_stored_slow_weights_whatever_the_mode(slow_dtype, mode):
+    """Ranger's fused sync step with bf16 params: the slow weights (in their dtype) are the reference's
+    pull of the kernels' fp32 RAdam result, the params take them to nearest under every mode, and the
+    Kahan buffer stays as it is."""
+    data = make(torch.bfloat16, ["exp_avg", "exp_avg_sq", "slow_buffer"], sizes=BF16_SIZES)
+    data[2]["slow_buffer"] = [s.to(slow_dtype) for s in data[2]["slow_buffer"]]
+    comps = [torch.full((n,), 2**-10, dtype=torch.bfloat16) for n in BF16_SIZES]
+    if mode == "kahan":
+        data[2]["kahan_comp"] = comps
+    seeds = [torch.tensor(R.param_base(5, i), dtype=torch.int64) for i in range(len(BF16_SIZES))]
+    hyper = dict(lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.0, decoupled=False, rho_threshold=5.0,
+                 step=12, grad_scale=1.0)
+    wide = fp32_copy(data)
+    wide[2].pop("slow_buffer")
+    F.radam_step(*wide, **hyper, backend="cpu")  # the fp32 result before the pull
+    slows_before = [s.clone() for s in data[2]["slow_buffer"]]
+    kw = dict(bf16_update=mode) | (dict(sr_seeds=seeds) if mode == "stochastic" else {})
+    F.radam_step(*data, **hyper, lookahead_alpha=0.5, backend="cpu", **kw)
+    for p, x, slow, before in zip(data[0], wide[0], data[2]["slow_buffer"], slows_before):
+        # the torch path's pull (add with alpha; alpha 0.5 scales exactly, so fused or not, the same bits)
+        want = before.float().add(x - before.float(), alpha=0.5).to(slow_dtype)
+        assert slow.dtype == slow_dtype and torch.equal(slow, want)
+        assert torch.equal(p, slow.float().bfloat16())  # the params take the stored slow weights, to nearest
+    for c in comps:
+        assert bool((c == 2**-10).all())
