@@ -208,7 +208,8 @@ def bf16_markdown(by_mode: dict, fp32: dict, seeds: int) -> str:
     intro = ("Each optimizer's final train loss (mean of the last 20 steps, mean ± std over seeds) with the "
              "weights in bf16 and no fp32 master copy, per rounding mode of the update (`bf16_update`), against "
              "the fp32-weights run of convergence.md, same seeds and data; moments are fp32 in both. Within "
-             "spread: |bf16 mean - fp32 mean| <= the fp32 seed std. The forward and backward passes also run "
+             "spread: |bf16 mean - fp32 mean| <= the fp32 seed std (otherwise the table says whether it ended lower "
+             "or higher). The forward and backward passes also run "
              "in bf16, so part of any gap is the model's arithmetic, not the optimizer's rounding.")
     return against_fp32(f"# Convergence with bf16 weights ({seeds} seeds, CPU)", intro, by_mode, fp32)
 
@@ -223,9 +224,10 @@ def against_fp32(title: str, intro: str, by_variant: dict, fp32: dict) -> str:
             for label, s in res[task].items():
                 f = fp32[task][label]
                 diff = s["final_loss"] - f["final_loss"]
-                ok = abs(diff) <= f["final_loss_std"]
+                verdict = ("yes" if abs(diff) <= f["final_loss_std"] else
+                           "no: lower" if diff < 0 else "no: higher")
                 lines.append(f"| {label} | {variant} | {f['final_loss']:.3f} ± {f['final_loss_std']:.3f} | "
-                             f"{s['final_loss']:.3f} ± {s['final_loss_std']:.3f} | {diff:+.4f} | {'yes' if ok else 'no'} | "
+                             f"{s['final_loss']:.3f} ± {s['final_loss_std']:.3f} | {diff:+.4f} | {verdict} | "
                              f"{s['test_loss']:.3f} | {f['test_loss']:.3f} |")
         lines.append("")
     return "\n".join(lines)
