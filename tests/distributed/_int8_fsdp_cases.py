@@ -129,26 +129,27 @@ def run_flat_partitions(steps: int):
 # --- a param whose shard on rank 1 is empty ------------------------------------------------------
 
 class OneRow(nn.Module):
-    """A (1, 4100) weight: above the min-size rule, one row, so FSDP2 at world 2 leaves rank 1 an
-    empty shard (int8 state of 0 codes and 0 blocks)."""
+    """A (1, width) weight: above the min-size rule, one row, so FSDP2 at world 2 leaves rank 1 an
+    empty shard (int8 state of 0 codes and 0 blocks). At width 4096 it has an int8 checkpoint form
+    (absmax [1, 16]); at 4100 its moments are saved in fp32 form."""
 
-    def __init__(self) -> None:
+    def __init__(self, width: int = 4100, seed: int = 5) -> None:
         super().__init__()
-        self.w = nn.Parameter(torch.randn(1, 4100, generator=torch.Generator().manual_seed(5)))
+        self.w = nn.Parameter(torch.randn(1, width, generator=torch.Generator().manual_seed(seed)))
 
     def forward(self, x):
         return x @ self.w.T
 
 
-def one_row_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def one_row_batch(step: int, width: int = 4100) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(9000 + step)
-    return torch.randn(8, 4100, generator=gen), torch.randn(8, 1, generator=gen)
+    return torch.randn(8, width, generator=gen), torch.randn(8, 1, generator=gen)
 
 
 def train_one_row(net, steps: int):
     opt = optimizer(net.parameters())
     for step in range(steps):
-        x, y = one_row_batch(step)
+        x, y = one_row_batch(step, net.w.shape[1])
         torch.nn.functional.mse_loss(net(x), y).backward()
         opt.step()
         opt.zero_grad()
@@ -296,3 +297,28 @@ def helper_load(root: str, state_dtype: str):
     net, opt = _build(state_dtype, seed=123)
     load_checkpoint(root, net, opt)
     return state_entries(net, opt)
+
+
+def run_empty_shard_checkpoint(root: str, steps: int):
+    """A (1, 4096) weight sharded over world 2 (rank 1's shard empty) saved in int8 form by torch's
+    dcp.save and loaded into a fresh model; returns (state entries at the save, after the load)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    nets = []
+    for seed in (5, 6):
+        net = OneRow(4096, seed)
+        fully_shard(net, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+        nets.append(net)
+    opt = train_one_row(nets[0], steps)
+    before = state_entries(nets[0], opt)
+    model_sd, optim_sd = get_state_dict(nets[0], opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=root)
+    fresh = optimizer(nets[1].parameters())
+    model_sd, optim_sd = get_state_dict(nets[1], fresh)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=root)
+    set_state_dict(nets[1], fresh, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    return before, state_entries(nets[1], fresh)

@@ -1,6 +1,10 @@
 """int8 optimizer state under FSDP2 at world 2 (uneven shards): the run equals one process, and
 DCP checkpoints resume bit-exactly at world 2 and reshard to world 1; flat partitions (ZeRO-style,
 plain tensors with a process group) equal the one-process run on the whole buffer bit for bit.
+Checkpoints of int8 state through torch's get_state_dict / dcp.save / dcp.load / set_state_dict:
+codes + absmax for a weight whose rows are whole blocks (lossless at world 1, 2 and 3, resume at
+world 2 bit-exact, a quarter of the bytes), fp32 form otherwise (within one rounding after
+resharding); load_checkpoint converts between int8-state and fp32-state checkpoints.
 
 Tolerance against one process: test_fsdp2's rtol 1e-5 / atol 1e-6 (FSDP2 reduces gradients in
 another order, an ulp per step) for all but a few elements. The block layouts agree (see
@@ -23,6 +27,7 @@ from tests.multiproc import world_fixture
 WORLD = 2
 TOL = dict(rtol=1e-5, atol=1e-6)
 world = world_fixture(WORLD)
+world3 = world_fixture(3)
 
 
 def assert_close_up_to_code_flips(a, b, steps, lr=0.01):
@@ -236,3 +241,20 @@ def test_load_checkpoint_quantizes_an_fp32_checkpoint_for_an_int8_optimizer(worl
                 x1, x2 = saved[name][key], fp32_values(loaded[name], key)
                 bound = error_bound(x1.reshape(-1), loaded[name][key + "@absmax"].reshape(-1), code_map(key), 1)
                 assert bool(((x2 - x1).reshape(-1).double().abs() <= bound).all()), (name, key)
+
+
+def test_dcp_world_2_to_world_3(world, world3, tmp_path):
+    root = str(tmp_path / "w2")
+    (saved, straight), _ = world.run(cases.raw_dcp_save, root, 3, 3)
+    for loaded, resumed in world3.run(cases.raw_dcp_load, root, 3, 3):
+        assert_reloaded_within_bound(saved, loaded)
+        for a, b in zip(straight, resumed):
+            assert_continues_alike(a, b, steps=3)
+
+
+def test_an_empty_shard_saves_and_loads_int8_form(world, tmp_path):
+    for before, after in world.run(cases.run_empty_shard_checkpoint, str(tmp_path / "row"), 2):
+        entry = before["w"]
+        assert entry["exp_avg_codes"].shape == (1, 4096) and entry["exp_avg_absmax"].shape == (1, 16)
+        for key in entry:
+            assert torch.equal(entry[key], after["w"][key]), key
