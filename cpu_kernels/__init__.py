@@ -16,7 +16,10 @@ operation by operation (see the header of ``kernels.cpp``).
 Params and grads may be fp32, bf16 or fp16 (independently); state is fp32, or int8 for moments
 (``state_dtype="int8"``, dist_optim.state's format: uint8 codes beside ``<key>_absmax``, one fp32
 absmax per 256 elements), dequantized, updated and quantized again block by block inside the same
-pass (``QUANTIZED_STATE``). Non-contiguous tensors run on contiguous copies written back afterwards.
+pass (``QUANTIZED_STATE``). bf16 params may be written by stochastic rounding or through a Kahan
+buffer (``bf16_update``, dist_optim.state.rounding's rules bit for bit: ``ROUNDING_MODES``), and slow
+weights may be fp32, bf16 or fp16 (``SLOW_DTYPES``). Non-contiguous tensors run on contiguous copies
+written back afterwards.
 Everything else (fp64, a state in another dtype) is for the torch path: ``accepts`` tells the
 dispatcher.
 """

@@ -17,6 +17,11 @@
 // starts are multiples of 256, so no quantization block straddles two threads or two staged blocks.
 // Moments computed bit for bit as the torch path computes them therefore get its codes bit for bit.
 //
+// bf16 params can be written three ways (dist_optim.state.rounding): to nearest; stochastically, 16
+// bits of a murmur3-finalizer hash of (stream, element index) added below the last kept bit; or
+// through a bf16 Kahan buffer. Slow weights (Lookahead) may be stored in fp32, bf16 or fp16: widened
+// into the block buffer, pulled in fp32, rounded back to nearest.
+//
 // No torch headers: plain C ABI, loaded with ctypes. OpenMP calls resolve to the libgomp torch has
 // already loaded (same soname), so there is one thread pool in the process.
 #include <cmath>

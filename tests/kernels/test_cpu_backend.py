@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import cpu_kernels
+import dist_optim
 import dist_optim.functional as F
 from dist_optim.functional._common import fused_kernels, resolve_backend
+from dist_optim.state import rounding as R
 from tests.kernels import _against_torch as shared
 from tests.kernels._against_torch import assert_match, clone
 from tests.optim._factories import CONFIGS
@@ -363,8 +365,6 @@ def test_nonfinite_skip_on_cpu_backend_changes_nothing(maximize):
 
 
 def dist_optim_adamw(params, maximize):
-    import dist_optim
-
     return dist_optim.AdamW(params, lr=0.01, maximize=maximize, max_grad_norm=1.0, backend="cpu")
 
 
@@ -376,7 +376,6 @@ def dist_optim_adamw(params, maximize):
 # index) or kahan_add_bf16(p_old, comp, x - p_old). SGD's fp32 math equals the torch path's bit for
 # bit, so there the whole step is compared with the torch path too.
 
-from dist_optim.state import rounding as R  # noqa: E402
 
 BF16_SIZES = [1, 7, 1003, 0, 70001]
 
@@ -528,3 +527,46 @@ def test_ranger_sync_writes_the_stored_slow_weights_whatever_the_mode(slow_dtype
         assert torch.equal(p, slow.float().bfloat16())  # the params take the stored slow weights, to nearest
     for c in comps:
         assert bool((c == 2**-10).all())
+
+
+BF16_CLASSES = {
+    "SGD": lambda ps, **kw: dist_optim.SGD(ps, lr=0.01, momentum=0.9, **kw),
+    "Adagrad": lambda ps, **kw: dist_optim.Adagrad(ps, lr=0.05, **kw),
+    "RMSprop": lambda ps, **kw: dist_optim.RMSprop(ps, lr=0.001, momentum=0.5, centered=True, **kw),
+    "AdamW": lambda ps, **kw: dist_optim.AdamW(ps, lr=0.01, **kw),
+    "RAdam": lambda ps, **kw: dist_optim.RAdam(ps, lr=0.01, betas=(0.9, 0.9), **kw),
+    "Ranger": lambda ps, **kw: dist_optim.Ranger(ps, lr=0.01, betas=(0.9, 0.9), k=2, **kw),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BF16_CLASSES))
+@pytest.mark.parametrize("mode", ["stochastic", "kahan"])
+def test_optimizers_bf16_update_on_the_cpu_kernels(name, mode, monkeypatch):
+    """The classes with bf16 params and a bf16 update mode run on the CPU kernels (the torch path's
+    write-back is never called) and agree with backend="torch": SGD bit for bit (its fp32 math is the
+    torch path's), the others within the suite's two bf16 ulps (an ulp of the fp32 sqrt can move a
+    stochastic or Kahan write by one bf16 ulp, and it feeds the next steps)."""
+    import dist_optim.functional._common as common
+
+    writes = []
+    real = common.write_back
+    for module in ("sgd", "adagrad", "rmsprop", "adam", "radam"):  # each imported write_back by name
+        monkeypatch.setattr(f"dist_optim.functional.{module}.write_back",
+                            lambda *a, **k: writes.append(1) or real(*a, **k))
+    p_cpu, p_ref = make_params(torch.bfloat16), make_params(torch.bfloat16)
+    ours = BF16_CLASSES[name](p_cpu, backend="cpu", bf16_update=mode, rounding_seed=11)
+    ref = BF16_CLASSES[name](p_ref, backend="torch", bf16_update=mode, rounding_seed=11)
+    run(ours, p_cpu, 0, 5)
+    assert not writes
+    run(ref, p_ref, 0, 5)
+    assert writes
+    for a, b in zip(p_cpu, p_ref):
+        if name == "SGD":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, rtol=2 * 2**-7, atol=1e-3)
+        for key, value in ours.state.get(a, {}).items():
+            if name == "SGD":
+                assert torch.equal(value, ref.state[b][key]), key
+            else:
+                torch.testing.assert_close(value, ref.state[b][key], rtol=2 * 2**-7, atol=1e-3, msg=key)

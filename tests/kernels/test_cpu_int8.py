@@ -331,9 +331,10 @@ CLASSES = {
     "AdamW": lambda ps, **kw: dist_optim.AdamW(ps, lr=0.01, **kw),
     "AdamW-maximize": lambda ps, **kw: dist_optim.AdamW(ps, lr=0.01, maximize=True, amsgrad=True, **kw),
     "RAdam": lambda ps, **kw: dist_optim.RAdam(ps, lr=0.01, betas=(0.9, 0.9), **kw),
-    # fp32 slow weights: the kernels' slow buffers are fp32 (cpu_kernels.SLOW_DTYPES)
-    "Ranger": lambda ps, **kw: dist_optim.Ranger(ps, lr=0.01, betas=(0.9, 0.9), k=2, alpha=0.5,
-                                                 slow_dtype=torch.float32, **kw),
+    # slow weights in the params' dtype (the default)
+    "Ranger": lambda ps, **kw: dist_optim.Ranger(ps, lr=0.01, betas=(0.9, 0.9), k=2, alpha=0.5, **kw),
+    "Ranger-fp32-slow": lambda ps, **kw: dist_optim.Ranger(ps, lr=0.01, betas=(0.9, 0.9), k=2, alpha=0.5,
+                                                           slow_dtype=torch.float32, **kw),
 }
 SHAPES = [(MIN_QUANTIZED_NUMEL + 5,), (37, 1000), (7,)]
 
