@@ -22,19 +22,28 @@ One clipping owner, settled once the engine knows its precision wrapper:
   and the inner optimizer runs with ``nonfinite="apply"`` (``"raise"`` is refused). The padding of
   its sub-group tensors, left uninitialized by DeepSpeed, is zeroed (``zero_partition_padding``:
   int8 blocks span it).
+
+DeepSpeed's per-param optimizer-state accessors (``deepspeed.utils.safe_get_full_optimizer_state``
+and its set and local forms) see an int8 moment of ours in fp32, its dequantized values; a set is
+quantized back. Left alone they would read the uint8 codes as the moment.
 A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
 neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
 L-BFGS is refused: the engine's ``step()`` takes no closure.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+import weakref
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .. import optim as _optim
+from ..state.layout import absmax_key, dequantize_state, quantize_state
 
 PREFIX = "dist_optim."
 OPTIMIZERS: dict[str, type] = {
@@ -152,6 +161,9 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     base.bind_params(group)
     if engine.zero_optimization_stage() < 3:
         _report_through(wrapper, base, own=wrapper is optimizer)
+        if base.state_dtype == "int8":  # for the accessors: ZeRO-1/2 params do not know their optimizer
+            for p in engine.module.parameters():
+                p._dist_optim_core = weakref.ref(base)
     else:
         zero_partition_padding(wrapper)
 
@@ -179,6 +191,100 @@ def zero_partition_padding(wrapper: Any) -> None:
                 with torch.no_grad():
                     flat[at + held:at + size].zero_()
             at += size
+
+
+@contextmanager
+def _int8_moment_in_fp32(param: Any, key: Any, write: bool) -> Iterator[None]:
+    """While one of DeepSpeed's optimizer-state accessors runs on ``param``: if the moment ``key``
+    of the tensor holding ``param``'s partition is an int8 moment of ours, DeepSpeed finds its fp32
+    values where it looks (ZeRO-3: the state entry it narrows; ZeRO-1/2: the param's fragment view,
+    made when DeepSpeed linked the state), and a write is quantized back into codes and absmax."""
+    located = _int8_state_of(param, key) if isinstance(key, str) else None
+    if located is None:
+        yield
+        return
+    state, put = located
+    codes, absmax = state[key], state[absmax_key(key)]
+    full = dequantize_state(codes, absmax, key)
+    undo = put(full)
+    try:
+        yield
+    finally:
+        undo()
+        if write:
+            new_codes, new_absmax = quantize_state(full, key)
+            codes.copy_(new_codes.view_as(codes))
+            absmax.copy_(new_absmax)
+
+
+def _int8_state_of(param: Any, key: str):
+    """(state, put): the optimizer state holding ``param``'s partition when ``key`` is int8 there,
+    and ``put(fp32)`` that shows DeepSpeed ``fp32`` in the codes' place and returns the undo; else None."""
+    z3 = getattr(param, "_z3_optimizer", None)
+    if z3 is not None and _optim.fused_core(z3.optimizer) is not None:
+        position = z3.grad_position.get(z3.get_param_id(param))  # none for a frozen param
+        if position is None:
+            return None
+        state = z3.optimizer.state.get(z3.fp32_partitioned_groups_flat[position[0]])
+        if not state or absmax_key(key) not in state:
+            return None
+
+        def put(fp32):
+            codes, state[key] = state[key], fp32
+            return lambda: state.__setitem__(key, codes)
+
+        return state, put
+    core = getattr(param, "_dist_optim_core", None)
+    mapping = getattr(param, "_hp_mapping", None)
+    base = core() if core is not None else None
+    if base is None or mapping is None or mapping.optim_fragment is None:
+        return None
+    state = base.state.get(base.param_groups[mapping.param_group_index]["params"][0])
+    if not state or absmax_key(key) not in state:
+        return None
+    address = mapping.hp_fragment_address
+
+    def put(fp32):
+        fragments = mapping.optim_fragment
+        codes_view = fragments.get(key)
+        fragments[key] = fp32.narrow(0, address.start, address.numel)
+        return lambda: fragments.__setitem__(key, codes_view) if codes_view is not None else fragments.pop(key)
+
+    return state, put
+
+
+def _serve_int8_moments() -> None:
+    """Wrap DeepSpeed's optimizer-state accessors with ``_int8_moment_in_fp32``: where they are
+    looked up when called (ZeRO-3's optimizer methods) or bound to each param while the engine is
+    built (ZeRO-1/2's linkage), so a ``from deepspeed.utils import safe_get_full_optimizer_state``
+    made before ``import dist_optim`` is served too."""
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.utils import mixed_precision_linkage
+
+    for owner, name, write in ((mixed_precision_linkage, "get_full_hp_param", False),
+                               (mixed_precision_linkage, "set_full_hp_param", True),
+                               (DeepSpeedZeroOptimizer_Stage3, "get_full_hp_param", False),
+                               (DeepSpeedZeroOptimizer_Stage3, "get_local_fp32_param", False),
+                               (DeepSpeedZeroOptimizer_Stage3, "set_full_hp_param", True),
+                               (DeepSpeedZeroOptimizer_Stage3, "set_local_hp_param", True)):
+        accessor = getattr(owner, name, None)
+        if accessor is not None and not getattr(accessor, "_dist_optim_serves", False):
+            setattr(owner, name, _serving(accessor, write))
+
+
+def _serving(accessor: Any, write: bool) -> Any:
+    signature = inspect.signature(accessor)
+
+    @functools.wraps(accessor)
+    def serving(*args: Any, **kwargs: Any):
+        bound = signature.bind(*args, **kwargs).arguments
+        # ZeRO-3's methods take (self=optimizer, ..., param, optim_state_key); the linkage's (self=param, ...)
+        param = bound.get("param", bound.get("self"))
+        with _int8_moment_in_fp32(param, bound.get("optim_state_key"), write):
+            return accessor(*args, **kwargs)
+
+    serving._dist_optim_serves = True
+    return serving
 
 
 def _report_through(wrapper: Any, base: Any, *, own: bool) -> None:
@@ -209,6 +315,7 @@ def _patch_engine(engine_module: Any) -> None:
     if getattr(engine_cls, "_dist_optim_patched", False):
         return
     mark_zero_supported()
+    _serve_int8_moments()
     is_supported = engine_cls._is_supported_optimizer
     configure_basic = engine_cls._configure_basic_optimizer
     sanity_check = engine_cls._do_optimizer_sanity_check

@@ -286,6 +286,22 @@ def run_checkpoint(stage: int, name: str, root: str, steps: int, then: int, resu
     return full_params(engine), state
 
 
+def run_state_accessors(stage: int, name: str, steps: int, keys: tuple[str, ...], value: torch.Tensor):
+    """DeepSpeed's per-param accessors after ``steps`` steps: each param's full moments ``keys``, then
+    the first param's ``keys[0]`` after ``safe_set_full_optimizer_state(param, value, keys[0])``;
+    and this rank's pieces. One param group: ZeRO-1/2 link the state to the params after the first
+    group's first step, when a later group has no state yet, so theirs is never reachable (DeepSpeed's
+    behaviour with any optimizer that builds state lazily)."""
+    from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
+
+    engine = build(stage, name, grouped=False)
+    train(engine, 0, steps)
+    params = list(engine.module.parameters())
+    got = {key: [safe_get_full_optimizer_state(p, key).clone() for p in params] for key in keys}
+    safe_set_full_optimizer_state(params[0], value, keys[0])
+    return got, safe_get_full_optimizer_state(params[0], keys[0]).clone(), stepped(engine)[0]
+
+
 # --- the one-process references -------------------------------------------------------------------
 
 def _averaged_grads(net: nn.Module, step: int, world: int) -> list[torch.Tensor]:
@@ -351,3 +367,15 @@ def plain_reference(name: str, steps: int, world: int, state_dtype: str = "fp32"
         loss_fn(net, x, y).backward()
         opt.step()
     return [p.detach().clone() for p in net.parameters()]
+
+
+def full_moments(pieces: list[Piece], opt, tensors: list[torch.Tensor], key: str) -> list[torch.Tensor]:
+    """Each model param's moment ``key`` gathered from the pieces' states, int8 ones dequantized."""
+    from dist_optim.state.layout import absmax_key, dequantize_state
+
+    out = [torch.zeros_like(p) for p in model().parameters()]
+    for piece, t in zip(pieces, tensors):
+        state = opt.state[t]
+        quantized = absmax_key(key) in state
+        write_back(piece, dequantize_state(state[key], state[absmax_key(key)], key) if quantized else state[key], out)
+    return out

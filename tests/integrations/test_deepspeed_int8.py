@@ -191,3 +191,21 @@ def test_a_bad_state_dtype_in_a_ds_config_names_the_argument():
     with pytest.raises(ValueError, match=r"state_dtype: 'int4'"):
         dod.build_from_config({"type": "dist_optim.AdamW", "params": {"state_dtype": "int4"}},
                               [torch.nn.Parameter(torch.zeros(3))])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeeds_optimizer_state_accessors_see_int8_moments_in_fp32(world, stage):
+    """``deepspeed.utils.safe_get_full_optimizer_state`` returns each param's moment as the reference
+    holds it, int8 ones dequantized (not the uint8 codes); a ``safe_set_full_optimizer_state`` is
+    quantized back: reading it again gives the value set, up to the signed map's rounding (at most
+    1.2% of a block's absmax; the value set is every block's largest)."""
+    keys = ("exp_avg", "exp_avg_sq")
+    value = torch.linspace(0.5, 1.0, cases.HIDDEN * cases.IN).reshape(cases.HIDDEN, cases.IN)
+    results = world.run(cases.run_state_accessors, stage, "AdamW", 3, keys, value)
+    pieces = [piece for *_, rank_pieces in results for piece in rank_pieces]
+    _, ref_opt, ref_tensors = cases.layout_reference("AdamW", 3, WORLD, pieces, grouped=False)
+    for got, after, _ in results:
+        for key in keys:
+            for a, b in zip(got[key], cases.full_moments(pieces, ref_opt, ref_tensors, key), strict=True):
+                assert torch.equal(a, b), key
+        assert (after - value).abs().max() <= 0.012
