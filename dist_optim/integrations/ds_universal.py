@@ -39,9 +39,8 @@ from typing import Any
 
 import torch
 
-from ..optim.lookahead import fused_core
 from ..state.checkpoint import dequantize_pieces
-from ..state.layout import ABSMAX_SUFFIX, CODES_SUFFIX, QBLOCK, absmax_key, code_map, codes_key, quantize_state
+from ..state.layout import CODES_SUFFIX, QBLOCK, absmax_key, code_map, codes_key, quantize_state
 
 META = "meta.pt"
 PARAMS = "params"
@@ -56,6 +55,15 @@ def _coded(state: dict) -> set[str]:
     """The moments a partition's state holds as codes + absmax."""
     return {k[: -len(CODES_SUFFIX)] for k in state if isinstance(k, str) and k.endswith(CODES_SUFFIX)
             and absmax_key(k[: -len(CODES_SUFFIX)]) in state}
+
+
+def _moments(state: dict, skip: frozenset[str] = frozenset()) -> list[str]:
+    """The per-element state of a partition's state or a universal param file (less ``skip``),
+    a moment held as codes + absmax under its own name."""
+    coded = _coded(state)
+    parts = {codes_key(k) for k in coded} | {absmax_key(k) for k in coded}
+    return sorted(coded | {k for k, v in state.items()
+                           if k not in parts and k not in skip and torch.is_tensor(v) and v.dim() > 0})
 
 
 def _fragment(state: dict, key: str, lo: int, hi: int) -> torch.Tensor:
@@ -93,17 +101,15 @@ def ds_to_universal(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Pa
             state = base["state"].get(g, {})
             # Per-element state is 1-D (it may keep the group padding the saved partition drops);
             # counters are 0-dim and the same on every rank.
-            coded = _coded(state)
+            coded, moments = _coded(state), _moments(state)
             for key, value in state.items():
                 if not _per_element(value):
                     counters[g].setdefault(key, value)
-            moments = coded | {k for k, v in state.items() if _per_element(v)
-                               and not any(k in (codes_key(c), absmax_key(c)) for c in coded)}
             for name, frag in osd["param_slice_mappings"][g].items():
                 cut = slice(frag.start, frag.start + frag.numel)
                 pieces[name][FP32].append(flat[cut])
                 quantized[name] |= coded
-                for key in sorted(moments):
+                for key in moments:
                     pieces[name][key].append(_fragment(state, key, cut.start, cut.stop))
     (out / PARAMS).mkdir(parents=True, exist_ok=True)
     for name, by_key in pieces.items():
@@ -135,32 +141,25 @@ def load_universal(engine: Any, universal: str | os.PathLike) -> None:
     values: list[dict[str, torch.Tensor]] = [{} for _ in flats]
     for name, param in engine.module.named_parameters():
         saved = torch.load(universal / PARAMS / f"{name}.pt", map_location="cpu", weights_only=False)
+        saved = {k: v.reshape(-1) if torch.is_tensor(v) else v for k, v in saved.items()}
         with torch.no_grad():
-            param.copy_(saved[FP32].to(param.dtype))
+            param.copy_(saved[FP32].view(param.shape).to(param.dtype))
         mapping = getattr(param, "_hp_mapping", None)
         if mapping is None:  # no piece of this param in this rank's partition
             continue
         lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
         group = mapping.param_group_index
         flat = flats[group]
-        flat.data[hp.start : hp.start + hp.numel].copy_(saved[FP32].reshape(-1)[lp.start : lp.start + lp.numel])
-        for key in _saved_moments(saved):
+        flat.data[hp.start : hp.start + hp.numel].copy_(saved[FP32][lp.start : lp.start + lp.numel])
+        for key in _moments(saved, skip=frozenset({FP32})):
             target = values[group].setdefault(key, torch.zeros_like(flat, dtype=torch.float32))
-            target[hp.start : hp.start + hp.numel].copy_(_fragment(_flat_view(saved), key, lp.start, lp.start + lp.numel))
-    core = fused_core(inner)
+            target[hp.start : hp.start + hp.numel].copy_(_fragment(saved, key, lp.start, lp.start + lp.numel))
+    # Our optimizers (and Lookahead) put loaded state in the form they keep: moments quantized over
+    # the partition where it is int8, slow weights in their dtype.
+    stored_form = getattr(inner, "_stored_form", None)
     for g, flat in enumerate(flats):
         state = {key: value.clone() if torch.is_tensor(value) else value
                  for key, value in meta["counters"].get(g, {}).items()}
         state.update(values[g])
         inner.state[flat].clear()
-        inner.state[flat].update(core._stored_form(flat, state) if core is not None else state)
-
-
-def _saved_moments(saved: dict) -> list[str]:
-    """The per-element state keys of a universal param file, int8 ones by their moment's name."""
-    coded = _coded(saved)
-    return sorted(coded | {k for k in saved if k != FP32 and not k.endswith((CODES_SUFFIX, ABSMAX_SUFFIX))})
-
-
-def _flat_view(saved: dict) -> dict:
-    return {k: v.reshape(-1) if torch.is_tensor(v) else v for k, v in saved.items()}
+        inner.state[flat].update(stored_form(flat, state) if stored_form is not None else state)
