@@ -11,6 +11,9 @@ sub-group), and ``offload_optimizer: cpu`` at stages 2 and 3.
   on every rank; ``memory_report()`` counts those bytes on each rank.
 - Near the fp32-state run (tolerance stated at FP32_RTOL).
 - ``engine.save_checkpoint``/``load_checkpoint`` resume bit-identically at the same world size.
+- ZeRO-3's partition padding, which DeepSpeed leaves uninitialized, is zeroed, so it cannot take
+  over an int8 block's absmax; DeepSpeed's ``safe_get/set_full_optimizer_state`` see int8 moments
+  in fp32 rather than their codes.
 """
 
 from __future__ import annotations
@@ -93,7 +96,10 @@ def assert_equals_layout_reference(results, name: str, grouped: bool = True) -> 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_int8_under_zero_equals_our_optimizer_on_the_same_layout_bit_for_bit(runs, case):
-    assert_equals_layout_reference(runs(case), case.name)
+    results = runs(case)
+    if case.aligned:  # the layout read covers padding between params (after b1's 129 elements)
+        assert any(i is None for piece in _all_pieces(results) for i, _, _ in piece.segments[:-1])
+    assert_equals_layout_reference(results, case.name)
 
 
 def test_zero3_padding_deepspeed_leaves_uninitialized_stays_out_of_int8_blocks(world):
