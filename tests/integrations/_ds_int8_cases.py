@@ -264,7 +264,8 @@ def run(stage: int, name: str, steps: int, *, offload: bool = False, aligned: bo
     start = [p.reshape(-1) for p in full_params(engine)]
     # The layout as read is DeepSpeed's own (returned, not raised: a rank raising alone would leave
     # the other waiting in a collective).
-    misread = [piece for piece, t in zip(pieces, tensors) if not torch.equal(piece_values(piece, start), t.detach().cpu())]
+    misread = [piece for piece, t in zip(pieces, tensors)
+               if not torch.equal(piece_values(piece, start), t.detach().cpu())]
     train(engine, 0, steps)
     opt = engine.basic_optimizer
     return full_params(engine), pieces, states(opt, tensors), opt.memory_report(), misread

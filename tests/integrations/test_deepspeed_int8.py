@@ -51,7 +51,7 @@ class Case(NamedTuple):
     aligned: bool = False  # ZeRO-1/2 parameter_alignment: padding between params in the flat buffer
 
     def __str__(self) -> str:
-        return f"zero{self.stage}-{self.name}" + ("-offload" if self.offload else "") + ("-aligned" if self.aligned else "")
+        return f"zero{self.stage}-{self.name}{'-offload' * self.offload}{'-aligned' * self.aligned}"
 
 
 CASES = [
@@ -137,7 +137,8 @@ def test_int8_state_where_the_rule_says_on_every_rank(runs, case):
             assert bool(moments) == (n >= MIN_QUANTIZED_NUMEL), (piece, list(state))
             for key in moments:
                 assert state[key].dtype == torch.uint8 and state[key].shape == (n,)
-                assert state[absmax_key(key)].dtype == torch.float32 and state[absmax_key(key)].shape == (-(-n // QBLOCK),)
+                absmax = state[absmax_key(key)]
+                assert absmax.dtype == torch.float32 and absmax.shape == (-(-n // QBLOCK),)
             assert len(moments) in (0, cases.MOMENTS[case.name])
             # offload: the state is where DeepSpeed keeps the fp32 partitions, the CPU
             assert all(v.device.type == "cpu" for v in state.values())
@@ -156,7 +157,8 @@ def test_memory_report_counts_int8_bytes_on_each_rank(runs, case):
         assert report.int8 == cases.MOMENTS[case.name] * per_moment
         slow = 4 * (sum(quantized) + sum(kept)) if case.name == "Ranger" else 0  # Lookahead's fp32 slow weights
         assert report.fp32 == 4 * cases.MOMENTS[case.name] * sum(kept) + slow
-        counters = sum(v.numel() * v.element_size() for s in states for k, v in s.items() if k in ("step", "lookahead_step"))
+        counters = sum(v.numel() * v.element_size() for s in states for k, v in s.items()
+                       if k in ("step", "lookahead_step"))
         assert report.counters == counters and report.total == report.int8 + report.fp32 + report.counters
         assert (report.params_int8, report.params_fp32) == (len(quantized), len(kept))
         assert report.numel == sum(p.numel for p in pieces)
