@@ -268,8 +268,9 @@ inline void quantize(const float* __restrict x, int64_t n, const Thresholds& thr
 #ifdef DIST_OPTIM_SEARCH16
     __m512 cols[16];
     for (int k = 0; k < 16; ++k) cols[k] = _mm512_mul_ps(_mm512_loadu_ps(thr.columns + 16 * k), _mm512_set1_ps(scale));
-    // Two vectors at a time: each search is a chain of dependent permutes, and two chains keep
-    // the permute unit busy where one waits on its own latency.
+    // Four vectors at a time: each search is a chain of dependent permutes, and independent chains
+    // keep the permute unit busy where one waits on its own latency (four: ~20% faster than two).
+    for (; i + 64 <= m; i += 64) search16<4>(cols, x + b + i, codes + b + i);
     for (; i + 32 <= m; i += 32) search16<2>(cols, x + b + i, codes + b + i);
     for (; i + 16 <= m; i += 16) search16<1>(cols, x + b + i, codes + b + i);
     if (i == m) continue;

@@ -18,6 +18,9 @@ What must agree and why:
 - Params: the fp32-state tolerances of test_cpu_backend (an ulp or two from the sqrt): fp32 rtol 2e-6 /
   atol 1e-6, bf16/fp16 one ulp of the param dtype; every step restarts both sides from the
   reference's params and state, so a difference cannot compound.
+- Within the CPU kernels everything is exact: the int8 step equals the fp32-state step on the
+  dequantized moments, bit for bit, params and every role, and its codes are the reference
+  quantization of that step's moments.
 - End to end (the optimizer classes, 6 steps, params feeding back): the ulps do compound there, so
   params within the optimizers' suite tolerance and moments within one quantization step.
 """
@@ -404,3 +407,60 @@ def test_optimizers_with_int8_state_on_the_cpu_kernels(name, dtype, monkeypatch)
                 assert (sa[key] != sb[key]).float().mean() < 0.01, key
             elif not key.endswith("_absmax"):
                 assert_close_but_for_flips(sa[key], sb[key], **tol, flip=flip, msg=key)
+
+
+def _family_steps():
+    """(int8 keys, fp32 keys, step(params, grads, states, t, backend)) per family and switch set."""
+    def sgd(p, g, s, t, backend):
+        F.sgd_step(p, g, s, lr=0.05, momentum=0.9, dampening=0.1, weight_decay=0.01, nesterov=True, first_step=t == 1,
+                   grad_scale=0.5, backend=backend)
+
+    def adagrad(p, g, s, t, backend):
+        F.adagrad_step(p, g, s, lr=0.1, lr_decay=0.01, weight_decay=0.1, eps=1e-10, step=t, grad_scale=-0.37,
+                       backend=backend)
+
+    def rmsprop(p, g, s, t, backend):
+        F.rmsprop_step(p, g, s, lr=0.01, alpha=0.9, eps=1e-8, weight_decay=0.01, momentum=0.5, centered=True,
+                       grad_scale=0.8, backend=backend)
+
+    def adam(p, g, s, t, backend):
+        F.adam_step(p, g, s, lr=0.01, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, decoupled=False, amsgrad=True,
+                    step=t, grad_scale=-0.5, backend=backend)
+
+    def ranger(p, g, s, t, backend):
+        F.radam_step(p, g, s, lr=0.01, beta1=0.95, beta2=0.9, eps=1e-5, weight_decay=0.05, decoupled=True,
+                     rho_threshold=5.0, step=t, lookahead_alpha=0.3, grad_scale=1.3, backend=backend)
+
+    return {"sgd": (["momentum_buffer"], [], sgd), "adagrad": (["sum"], [], adagrad),
+            "rmsprop": (["square_avg", "grad_avg", "momentum_buffer"], [], rmsprop),
+            "adam": (["exp_avg", "exp_avg_sq", "max_exp_avg_sq"], [], adam),
+            "ranger": (["exp_avg", "exp_avg_sq"], ["slow_buffer"], ranger)}
+
+
+FAMILY_STEPS = _family_steps()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_STEPS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_int8_step_is_the_fp32_kernel_step_on_dequantized_state(family, dtype):
+    """Within the CPU kernels, bit for bit and for every role (RMSprop's momentum buffer included):
+    the int8 step's params equal the fp32-state step's on the dequantized moments, and its codes and
+    absmax are the torch reference quantization of that step's fp32 moments. t = 1 and t = 6 (RAdam's
+    momentum step, then its rectified one)."""
+    int8_keys, fp32_keys, step = FAMILY_STEPS[family]
+    data = make(dtype, int8_keys, fp32_keys, zero_keys=("grad_avg",))  # a real centered average
+    for t in (1, 6):
+        params, grads, states = clone(data)
+        fp32 = {k: [dequantize_state(c, a, k) for c, a in zip(states[k], states[absmax_key(k)])] for k in int8_keys}
+        fp32.update({k: states[k] for k in fp32_keys})
+        step(*data, t, "cpu")
+        step(params, grads, fp32, t, "cpu")
+        for a, b in zip(data[0], params):
+            assert torch.equal(a, b)
+        for key in int8_keys:
+            for codes, absmax, x in zip(data[2][key], data[2][absmax_key(key)], fp32[key]):
+                want_codes, want_absmax = quantize_state(x, key)
+                assert torch.equal(codes, want_codes) and torch.equal(absmax, want_absmax), key
+        for key in fp32_keys:
+            for a, b in zip(data[2][key], fp32[key]):
+                assert torch.equal(a, b), key
