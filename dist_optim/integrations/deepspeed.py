@@ -156,6 +156,14 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
             "parallelism) need one global norm over several groups; use DeepSpeed's gradient_clipping and "
             "nonfinite='apply' instead of max_grad_norm"
         )
+    if base.state_dtype == "int8" and engine.zero_optimization_stage() in (1, 2) and engine.zero_elastic_checkpoint():
+        # Elastic checkpoints cut and merge the live state tensors by element, bypassing state_dict():
+        # codes would be cut off their blocks' scales and only one rank's scales kept.
+        raise ValueError(
+            "Invalid zero_optimization.elastic_checkpoint: True with state_dtype='int8' (elastic checkpoints "
+            "re-partition the live state element by element, which int8 codes with per-block scales are not); "
+            "set it to false, or use fp32 state"
+        )
     # ZeRO-0: the params (or DeepSpeed's master copies) are replicas, None; ZeRO-3: unused there
     # (DeepSpeed clips and skips), but true.
     base.bind_params(group)

@@ -380,3 +380,12 @@ def full_moments(pieces: list[Piece], opt, tensors: list[torch.Tensor], key: str
         quantized = absmax_key(key) in state
         write_back(piece, dequantize_state(state[key], state[absmax_key(key)], key) if quantized else state[key], out)
     return out
+
+
+def elastic_checkpoint_refusal(stage: int) -> str | None:
+    """The error ``deepspeed.initialize`` raises for int8 state with ``elastic_checkpoint: true``."""
+    try:
+        build(stage, "AdamW", zero_extra={"elastic_checkpoint": True})
+    except ValueError as error:
+        return str(error)
+    return None

@@ -217,3 +217,10 @@ def test_deepspeeds_optimizer_state_accessors_see_int8_moments_in_fp32(world, st
             for a, b in zip(got[key], cases.full_moments(pieces, ref_opt, ref_tensors, key), strict=True):
                 assert torch.equal(a, b), key
         assert (after - value).abs().max() <= 0.012
+
+
+def test_elastic_checkpoints_are_refused_with_int8_state(world):
+    """ZeRO-1/2 elastic checkpoints re-partition the live state tensors element by element, which
+    int8 codes (blocks with one scale each, per rank) cannot take: refused when the engine is built."""
+    for message in world.run(cases.elastic_checkpoint_refusal, 2):
+        assert message is not None and "elastic_checkpoint" in message and "state_dtype='int8'" in message
