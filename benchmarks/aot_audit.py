@@ -76,7 +76,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         "Derived from the compile (`python benchmarks/aot_audit.py`), not measured on a GPU: "
         f"Triton {meta['triton']}, ptxas `{meta['ptxas sm_80']}` (sm_80) and `{meta['ptxas sm_90']}` (sm_90), "
         f"{meta['specializations']} specializations recorded from real launches (the optimizers' `step()` calls, "
-        "and the launchers' sync-free form: per-step values as device tensors, a device skip flag, per-tensor step and Lookahead counters, step_control; the int8-state variants are audited by tests/kernels/test_int8_aot.py) "
+        "and the launchers' sync-free form: per-step values as device tensors, a device skip flag, per-tensor step and Lookahead counters, step_control; bf16 params under bf16_update nearest/stochastic/kahan; slow weights in the param dtype and fp32; the int8-state variants are audited by tests/kernels/test_int8_aot.py) "
         f"({meta['record_s']} s), compiled for two archs in {meta['compile_s']} s on {meta['workers']} workers.",
         "",
         "Columns: registers per thread; spill stores/loads and stack frame in bytes (ptxas -v); global loads "
@@ -95,7 +95,35 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             f"| {r['ld128']} | {r['ld']} | {r['st128']} | {r['st']} | {len(r['int32_addressing'])} |"
         )
     lines.append("")
+    lines += rounding_costs(rows)
     return "\n".join(lines)
+
+
+def rounding_costs(rows: list[dict]) -> list[str]:
+    """The bf16 update variants (ROUNDING=1 stochastic, 2 kahan) beside the same kernel with the
+    same switches storing to nearest: registers and 128-bit accesses."""
+    by_name = {(r["name"], r["arch"]): r for r in rows}
+    lines = [
+        "## bf16 update variants vs round-to-nearest",
+        "",
+        "The same kernel and switches, the param store differing: nearest, stochastic (ROUNDING=1; SR_STEPS: the "
+        "stream's step from the device counters) or Kahan (ROUNDING=2: one more bf16 load and store per element).",
+        "",
+        "| variant | arch | regs (nearest) | regs | LDG.128 (nearest) | LDG.128 | STG.128 (nearest) | STG.128 | spill |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["name"], r["arch"])):
+        parts = r["name"].split("[", 1)[1].rstrip("]").split(",")
+        if not any(p.startswith("ROUNDING=") for p in parts):
+            continue
+        base_parts = [p for p in parts if not p.startswith("ROUNDING=") and p != "SR_STEPS"]
+        base = by_name.get((f"{r['name'].split('[')[0]}[{','.join(base_parts)}]", r["arch"]))
+        if base is None:
+            continue
+        lines.append(f"| `{r['name']}` | {r['arch']} | {base['registers']} | {r['registers']} | {base['ld128']} | "
+                     f"{r['ld128']} | {base['st128']} | {r['st128']} | {r['spill_stores']}/{r['spill_loads']} |")
+    lines.append("")
+    return lines
 
 
 if __name__ == "__main__":

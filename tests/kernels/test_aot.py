@@ -12,7 +12,9 @@ on a value that can be large (program index, parameter, loaded value); an update
 128-bit global loads and stores (the sum-of-squares kernel reads only: 128-bit loads).
 
 ``RUNS`` sets every switch of every kernel at fp32 params, and runs each optimizer's default at
-bf16 and fp16 params; ``run_sync_free_launches`` adds the launchers' sync-free form (device
+bf16 and fp16 params, and at bf16 params under ``bf16_update="stochastic"`` and ``"kahan"`` (every
+update kernel's ROUNDING variants, host and device flow) and with fp32 slow weights
+(``slow_dtype``); ``run_sync_free_launches`` adds the launchers' sync-free form (device
 scalars, skip flags, per-tensor step and Lookahead counts, step_control), called directly. Specs are
 deduplicated; nothing is cached between runs (a temporary Triton cache), two compile workers.
 """
@@ -55,6 +57,14 @@ RUNS = [
     ("Ranger", dict(lr=0.01, k=2), 7, (torch.float32, *LOW)),
     ("Lookahead", dict(lr=0.01, k=2), 2, (torch.float32, *LOW)),
     ("LBFGS", dict(lr=1, max_iter=4, history_size=3, line_search_fn="strong_wolfe"), 2, (torch.float32,)),
+    # bf16 params without fp32 masters: each family's param store under each bf16 update mode
+    # (nearest too, with the same switches: the audit's baseline for the other two)
+    *[(name, dict(kw, bf16_update=mode), steps, (torch.bfloat16,)) for mode in ("nearest", "stochastic", "kahan")
+      for name, kw, steps in [("SGD", dict(lr=0.1, momentum=0.9), 2), ("Adagrad", dict(lr=0.1), 1),
+                              ("RMSprop", dict(lr=0.01), 1), ("AdamW", dict(lr=0.01), 1), ("RAdam", dict(lr=0.01), 7),
+                              ("Ranger", dict(lr=0.01, k=2), 7)]],
+    ("Ranger", dict(lr=0.01, k=2, slow_dtype=torch.float32), 7, (torch.bfloat16,)),
+    ("Lookahead", dict(lr=0.01, k=2, slow_dtype=torch.float32), 2, (torch.bfloat16,)),
 ]
 SIZES = [(1,), (300,), (17, 31), (0,)]
 
@@ -64,8 +74,9 @@ def _optimizer(name, params, kw, max_grad_norm):
 
     if name == "Lookahead":
         kw = dict(kw)
-        k = kw.pop("k")
-        return dist_optim.Lookahead(dist_optim.AdamW(params, backend="triton", max_grad_norm=max_grad_norm, **kw), k=k)
+        k, slow_dtype = kw.pop("k"), kw.pop("slow_dtype", None)
+        return dist_optim.Lookahead(dist_optim.AdamW(params, backend="triton", max_grad_norm=max_grad_norm, **kw), k=k,
+                                    slow_dtype=slow_dtype)
     if name == "LBFGS":
         return dist_optim.LBFGS(params, backend="triton", **kw)
     return getattr(dist_optim, name)(params, backend="triton", max_grad_norm=max_grad_norm, **kw)
@@ -209,6 +220,25 @@ def test_the_device_step_variants_are_recorded():
             assert any(n.startswith(f"{kernel}[{dtype}") and switch in n.split(",") for n in names), (kernel, switch)
     control = [s for s in recorded_specs() if s["kernel"].endswith(":_step_control_kernel")]
     assert len(control) >= 5 and not any(s["enable_fp_fusion"] for s in control)
+
+
+def test_the_bf16_update_variants_are_recorded():
+    """Each update kernel's stochastic (ROUNDING=1) and Kahan (ROUNDING=2) stores at bf16 params, the
+    stochastic ones in both flows (SR_STEPS: the stream's step from the device counters); slow
+    weights in bf16 (the default for bf16 params) and fp32."""
+    names = {_describe(s) for s in recorded_specs()}
+    for kernel in UPDATE_KERNELS[:-1]:  # _sync_kernel stores the slow value, to nearest
+        for rounding in ("ROUNDING=1", "ROUNDING=2"):
+            assert any(n.startswith(f"{kernel}[bf16") and rounding in n.split(",") for n in names), (kernel, rounding)
+        assert any(n.startswith(f"{kernel}[bf16") and "SR_STEPS" in n.split(",") for n in names), kernel
+    for kernel in ("_radam_kernel", "_sync_kernel"):
+        for slow in ("SLOW_DTYPE=bf16", "SLOW_DTYPE=fp32"):
+            # fp32 is the unnamed default: a bf16-param sync variant without SLOW_DTYPE=bf16
+            found = [n for n in names if n.startswith(f"{kernel}[bf16") and ("SYNC" in n or kernel == "_sync_kernel")]
+            if slow.endswith("bf16"):
+                assert any(slow in n.split(",") for n in found), (kernel, slow)
+            else:
+                assert any("SLOW_DTYPE=bf16" not in n.split(",") for n in found), (kernel, slow)
 
 
 def _describe(spec):
