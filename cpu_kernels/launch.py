@@ -10,6 +10,7 @@ map the kernel then quantizes against."""
 from __future__ import annotations
 
 import ctypes
+import functools
 import struct
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -68,21 +69,17 @@ def accepts(params: Tensors, grads: Tensors | None = None, states: Mapping[str, 
     return True
 
 
-_CODE_TABLES = []
-
-
+@functools.cache
 def code_tables():
     """The kernels' code tables (ctypes fp32 [4 x 256]): the signed map, its thresholds, the unsigned
     map, its thresholds, from dist_optim.state.codes (the format's definition, read once)."""
-    if not _CODE_TABLES:
-        from dist_optim.state.codes import SIGNED, UNSIGNED, thresholds
-        from dist_optim.state.layout import QBLOCK as FORMAT_QBLOCK
+    from dist_optim.state.codes import SIGNED, UNSIGNED, thresholds
+    from dist_optim.state.layout import QBLOCK as FORMAT_QBLOCK
 
-        if FORMAT_QBLOCK != QBLOCK:
-            raise RuntimeError(f"cpu_kernels quantize {QBLOCK}-element blocks, the state format has {FORMAT_QBLOCK}")
-        values = torch.cat([SIGNED, thresholds(SIGNED), UNSIGNED, thresholds(UNSIGNED)]).float()
-        _CODE_TABLES.append((ctypes.c_float * values.numel())(*values.tolist()))
-    return _CODE_TABLES[0]
+    if FORMAT_QBLOCK != QBLOCK:
+        raise RuntimeError(f"cpu_kernels quantize {QBLOCK}-element blocks, the state format has {FORMAT_QBLOCK}")
+    values = torch.cat([SIGNED, thresholds(SIGNED), UNSIGNED, thresholds(UNSIGNED)]).float()
+    return (ctypes.c_float * values.numel())(*values.tolist())
 
 
 class Role:
