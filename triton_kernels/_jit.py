@@ -131,6 +131,7 @@ def round_param(x, p_old, offs, mask, rounding, P_DTYPE: tl.constexpr, ROUNDING:
     if ROUNDING == 1:
         return stochastic_round_bf16(x, stream, start + offs), 0, 0
     elif ROUNDING == 2:
+        # _quant.kahan_add_bf16 with delta = x - p_old, written out on p_old as loaded (fp32)
         comp = tl.load(comp_ptr + offs, mask=mask)
         y = (x - p_old) + comp.to(tl.float32)
         new = round_nearest_bf16(p_old + y)
