@@ -162,12 +162,33 @@ class TableCache:
             len(rows) // CHUNK_ROW,
         ))
 
+    def plan(self, roles: Sequence[Sequence[torch.Tensor] | None], checked: int, build: Callable[[], list]) -> list:
+        """A whole launch's buckets with their tables, ``build()``'s list, cached under the roles'
+        pointers and the first role's sizes. Role ``checked`` holds tensors that are not ours (the
+        grads): they may sit at a cached address with another size, dtype or layout, so on a hit
+        their sizes, contiguity and dtypes are compared with the cached ones (a few C-level passes;
+        a mismatch builds again, through ``build``'s full checks). The first role's dtypes are
+        compared too: the kernels' element size comes from them. Devices need no check: a
+        pointer names its device (one virtual address space across host and GPUs)."""
+        first = roles[0]
+        key = ("plan", tuple(None if r is None else tuple(map(_data_ptr, r)) for r in roles), tuple(map(_numel, first)))
+        dtypes = (list(map(_dtype, first)), list(map(_dtype, roles[checked])))
+        hit = self._lookup(key)
+        if hit is not None:
+            built, cached_dtypes = hit
+            others = roles[checked]
+            if (cached_dtypes == dtypes and tuple(map(_numel, others)) == key[2] and all(map(_is_contiguous, others))):
+                return built
+        built = build()
+        self._store(key, (built, dtypes))
+        return built
+
     def pointers(self, tensors: Sequence[torch.Tensor], device: torch.device,
                  validate: Callable[[], None] | None = None) -> torch.Tensor:
         """An int64 device table of the tensors' data pointers (e.g. every step counter of a step).
         An empty list gets one null entry: a kernel argument needs an allocation behind it, though
         the kernel reads no entry. ``validate`` runs before a table is built (see ``get``)."""
-        key = ("pointers", device, tuple(t.data_ptr() for t in tensors))
+        key = ("pointers", device, tuple(map(_data_ptr, tensors)))
         hit = self._lookup(key)
         if hit is not None:
             return hit
@@ -212,10 +233,11 @@ def device_table(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return table.pin_memory().to(device, non_blocking=True)
 
 
-# Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use — ZeRO-3
+# Bounded (TableCache.maxsize entries): one entry per (bucket, set of storages) in use, and one plan
+# per launch over them — ZeRO-3
 # steps each sub-group separately, so a model has as many sets as sub-groups times dtypes. An entry
 # holds only int64 tables, never the tensors.
-TABLES = TableCache()
+TABLES = TableCache(maxsize=256)
 
 
 def tables(roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
@@ -443,13 +465,18 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
              *([seeds] if rounding is not None else [])]
     if any(role is not None and len(role) != len(params) for role in roles):  # tables pair them by index
         validate()
-    # Grads are checked on every call: a new grad may sit at a cached grad's address with another
-    # layout (a transposed view), which the table key cannot see. States and counters are ours and
-    # keep their storage; they are checked when a table is built.
-    check("grads", params, grads, fp32=False)
     elementwise = 2 + len(states) + len(extra_roles)
-    for (p_dtype, g_dtype, device), idx in buckets(params, grads).items():
-        ptrs, chunks, n = tables(roles, idx, device, elementwise, validate)
+
+    def build() -> list:
+        # Grads are checked whenever they differ from a cached plan's: a new grad may sit at a
+        # cached grad's address with another layout (a transposed view), which the table key cannot
+        # see (TableCache.plan compares them). States and counters are ours and keep their
+        # storage; they are checked when a table is built.
+        check("grads", params, grads, fp32=False)
+        return [(p_dtype, g_dtype, device, *tables(roles, idx, device, elementwise, validate))
+                for (p_dtype, g_dtype, device), idx in buckets(params, grads).items()]
+
+    for p_dtype, g_dtype, device, ptrs, chunks, n in TABLES.plan(roles, 1, build):
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
         block, warps, extra = BLOCK, NUM_WARPS, {}

@@ -56,14 +56,21 @@ def _sumsq_finish_kernel(PARTIALS, OUT, n, BLOCK: tl.constexpr):
     tl.store(OUT + 1, flag.to(tl.float32))
 
 
-def _partials(grads, buckets, device: torch.device) -> torch.Tensor:
-    """One partials launch per bucket (all on ``device``) into one buffer of (sumsq, flag) pairs."""
-    plans = []
-    for (g_dtype, _, _), idx in buckets:
+def _plan(grads) -> list:
+    """Per device: (device, [(grad dtype, pointer table, chunk table, chunks)] per bucket), built
+    with the grads' full checks (a cached plan is reused while the grads match it, see
+    _multi_tensor.TableCache.plan)."""
+    by_device: dict = {}
+    for (g_dtype, _, device), idx in _multi_tensor.buckets(grads).items():
         picked = [grads[i] for i in idx]
-        _multi_tensor.check("grads", picked, picked, fp32=False)  # every call: see _multi_tensor.launch
+        _multi_tensor.check("grads", picked, picked, fp32=False)
         (ptrs,), chunks, n = _multi_tensor.tables([grads], idx, device)
-        plans.append((g_dtype, ptrs, chunks, n))
+        by_device.setdefault(device, []).append((g_dtype, ptrs, chunks, n))
+    return list(by_device.items())
+
+
+def _partials(plans, device: torch.device) -> torch.Tensor:
+    """One partials launch per bucket (all on ``device``) into one buffer of (sumsq, flag) pairs."""
     partials = torch.empty(2 * sum(n for *_, n in plans), dtype=torch.float32, device=device)
     offset = 0
     for g_dtype, ptrs, chunks, n in plans:
@@ -81,12 +88,10 @@ def sumsq_nonfinite(grads) -> torch.Tensor:
     first grad's device: a partials launch per (grad dtype, device) bucket and one finishing launch.
     Grads on several devices (rare) have their partials copied to the first grad's device first."""
     out_device = grads[0].device
-    by_device: dict = {}
-    for key, idx in _multi_tensor.buckets(grads).items():
-        by_device.setdefault(key[2], []).append((key, idx))
+    by_device = _multi_tensor.TABLES.plan([grads], 0, lambda: _plan(grads))
     if not by_device:
         return torch.zeros(2, dtype=torch.float32, device=out_device)
-    parts = [_partials(grads, buckets, device) for device, buckets in by_device.items()]
+    parts = [_partials(plans, device) for device, plans in by_device]
     partials = parts[0] if len(parts) == 1 else torch.cat([p.to(out_device) for p in parts])
     out = torch.empty(2, dtype=torch.float32, device=out_device)
     _launch.run(_sumsq_finish_kernel, (1,), out_device, partials, out, partials.numel() // 2,

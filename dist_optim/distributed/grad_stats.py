@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..functional import grad_sumsq_and_flag
 from .collectives import active, device_for
-from .shard import is_dtensor, local_tensor, local_tensors
+from .shard import DTensor, is_dtensor, local_tensor, local_tensors
 
 
 def fsdp1_group(param_groups: Sequence[dict]) -> Any:
@@ -91,6 +91,7 @@ class GradLayout:
     def __init__(self) -> None:
         self._mesh_info: dict[Any, tuple[frozenset[int], tuple[int, ...]]] = {}
         self._groups: dict[tuple[Any, ...], Any] = {}
+        self._counted: dict[tuple[Any, ...], bool] = {}
 
     def _info(self, mesh: Any) -> tuple[frozenset[int], tuple[int, ...]]:
         info = self._mesh_info.get(mesh)
@@ -101,7 +102,7 @@ class GradLayout:
     def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any) -> tuple[Any, frozenset[int] | None, frozenset[int]]:
         """(group, its global ranks, the ranks the DTensor grads' meshes span together); the group is
         None, with no ranks, when the statistics are local."""
-        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g)))  # by value
+        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g))) if _any_dtensor(grads) else []
         span = frozenset().union(*(self._info(m)[0] for m in meshes)) if meshes else frozenset()
         if explicit_group is not None:
             if not active(explicit_group):
@@ -122,8 +123,17 @@ class GradLayout:
             return True
         if not is_dtensor(grad):
             return explicit or dist.get_rank() == min(span or group_ranks)
-        ranks, coords = self._info(grad.device_mesh)
-        for dim, placement in enumerate(grad.placements):
+        # The answer depends on the mesh and placements only: asked once per kind of grad (a
+        # per-block FSDP2 model has hundreds of grads and a handful of kinds).
+        key = (grad.device_mesh, grad.placements, span)
+        here = self._counted.get(key)
+        if here is None:
+            here = self._counted[key] = self._counted_dtensor(grad.device_mesh, grad.placements, span)
+        return here
+
+    def _counted_dtensor(self, mesh: Any, placements: Sequence[Any], span: frozenset[int]) -> bool:
+        ranks, coords = self._info(mesh)
+        for dim, placement in enumerate(placements):
             if placement.is_partial():
                 raise ValueError(
                     f"a gradient with placement {placement} on mesh dim {dim} is a pending reduction, "
@@ -133,6 +143,10 @@ class GradLayout:
                 return False
         # Translates of a sub-mesh within the span hold copies: count the one with the span's lowest rank.
         return min(span) in ranks if len(ranks) < len(span) else True
+
+
+def _any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
+    return DTensor is not None and any(map(DTensor.__instancecheck__, tensors))
 
 
 def global_grad_stats(

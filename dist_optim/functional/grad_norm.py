@@ -13,7 +13,8 @@ from ._common import Tensors, fused_kernels
 
 def grad_sumsq_and_flag(grads: Tensors, *, backend: str = "torch") -> torch.Tensor:
     """[sum of squares, 1.0 if any element is inf/NaN (or the sum overflowed) else 0.0], fp32."""
-    grads = [g for g in grads if g.numel() > 0]
+    if not all(map(torch.Tensor.numel, grads)):  # the usual case in one C-level pass
+        grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros(2, dtype=torch.float32)
     kernels = fused_kernels(backend, grads)

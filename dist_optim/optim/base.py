@@ -35,6 +35,8 @@ import math
 import weakref
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
+from itertools import repeat
+from operator import attrgetter, is_not, itemgetter, le
 from typing import Any
 
 import torch
@@ -52,6 +54,9 @@ from ..state.layout import absmax_key, check_state_dtype, quantize_state, zero_s
 from ..state import rounding
 from ..state.report import MemoryReport, memory_report
 from . import _state_dict
+
+_grad, _is_sparse, _device = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("device")
+_step_of = itemgetter("step")
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
 _SCALE, _SKIP, _NORM, _SKIPPED, _NEG_SCALE = range(5)
@@ -423,7 +428,7 @@ class FusedOptimizer(Optimizer):
             if self.capturable:
                 raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
             return None
-        devices = {t.device for _, params, _ in work for t in local_tensors(params)}
+        devices = set(map(_device, local_tensors([p for _, params, _ in work for p in params])))
         return device if len(devices) == 1 else None
 
     def counter_device(self, param: torch.Tensor) -> torch.device:
@@ -451,12 +456,12 @@ class FusedOptimizer(Optimizer):
             if self.bf16_update != "nearest" and not all(self._rounding_keys(p) <= s.keys()
                                                          for p, s in zip(params, states)):
                 return None
-            for state in states:
-                if not keys <= state.keys():
-                    return None
-                step = state.get("step")
-                if step is not None:
-                    counters.append(step)
+            if not all(map(le, repeat(keys), map(dict.keys, states))):
+                return None
+            if "step" in keys:
+                counters += map(_step_of, states)
+            else:
+                counters += (state["step"] for state in states if "step" in state)
             planned[id(params)] = states
         if keep:
             # The step's updates look the same states up again (``_states_for``): a tensor's hash
@@ -515,6 +520,13 @@ class FusedOptimizer(Optimizer):
     def _collect_grads(self) -> list[tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]]:
         work = []
         for gi, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads = list(map(_grad, params))
+            # The usual case (every param has a dense grad) in C-level passes: a step's host time
+            # over hundreds of params is mostly such per-tensor work.
+            if all(map(is_not, grads, repeat(None))) and not any(map(_is_sparse, grads)):
+                work.append((group, list(params), grads))
+                continue
             params, grads = [], []
             for pi, p in enumerate(group["params"]):
                 g = p.grad
@@ -605,7 +617,7 @@ class FusedOptimizer(Optimizer):
         return local_tensors(tensors)
 
     def _states_of(self, states: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
-        return {k: self._locals(s[k] for s in states) for k in keys}
+        return {k: local_tensors(list(map(itemgetter(k), states))) for k in keys}
 
     def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                       keys: Sequence[str], skip: torch.Tensor | None, mode: str = "nearest"):
@@ -620,7 +632,7 @@ class FusedOptimizer(Optimizer):
         keys = tuple(keys) + ((KAHAN_KEY,) if mode == "kahan" else ())
         if skip is not None:
             yield (self._locals(params), self._locals(grads), self._states_of(states, keys),
-                   [s["step"] for s in states], self._rounding_kwargs(params, mode))
+                   list(map(_step_of, states)), self._rounding_kwargs(params, mode))
             return
         for t, idx in advance(states).items():
             yield (

@@ -351,3 +351,31 @@ def test_a_clear_skip_flag_steps_as_without_one(device):
     triton_kernels.adam_step(*plain, **ADAM_KW)
     triton_kernels.adam_step(*flagged, **ADAM_KW, skip=torch.zeros(1, device=device))
     _states_equal(plain, flagged)
+
+
+@pytest.mark.parametrize("change", ["dtype", "transposed", "size"])
+def test_a_cached_launch_plan_is_not_reused_for_other_grads_at_the_same_addresses(device, change):
+    """A launch's buckets and tables are cached under the tensors' addresses; grads are not ours, so
+    a grad of another dtype, layout or size at a cached address must not run as the cached one
+    (another dtype is rebuilt and updated right; a transposed view or a size mismatch is refused)."""
+    n = 96
+    buf = torch.randn(2 * n, device=device)
+    p, m = torch.randn(n, device=device), torch.zeros(n, device=device)
+    kw = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False, first_step=True, grad_scale=1.0)
+    square = change == "transposed"
+    shaped = (lambda t: t.view(8, 12)) if square else (lambda t: t)
+    F.sgd_step([shaped(p)], [shaped(buf[:n])], {"momentum_buffer": [shaped(m)]}, backend="triton", **kw)
+    kw["first_step"] = False
+    if change == "dtype":  # bf16 grads at the fp32 grads' address, same element count
+        grad = buf.view(torch.bfloat16)[:n]
+        ref = clone([p], [grad], {"momentum_buffer": [m]})
+        F.sgd_step([p], [grad], {"momentum_buffer": [m]}, backend="triton", **kw)
+        F.sgd_step(*ref, backend="torch", **kw)
+        assert_match(([p], [grad], {"momentum_buffer": [m]}), ref)
+    elif change == "transposed":
+        with pytest.raises(ValueError, match="not contiguous"):
+            F.sgd_step([p.view(8, 12)], [buf[:n].view(12, 8).t()], {"momentum_buffer": [m.view(8, 12)]},
+                       backend="triton", **kw)
+    else:
+        with pytest.raises(ValueError, match="elements"):
+            F.sgd_step([p], [buf[: n // 2]], {"momentum_buffer": [m]}, backend="triton", **kw)
