@@ -473,10 +473,10 @@ def launch(kernel, params, grads, states: Sequence[Sequence[torch.Tensor] | None
         # see (TableCache.plan compares them). States and counters are ours and keep their
         # storage; they are checked when a table is built.
         check("grads", params, grads, fp32=False)
-        return [(p_dtype, g_dtype, device, *tables(roles, idx, device, elementwise, validate))
+        return [(p_dtype, g_dtype, device, idx, *tables(roles, idx, device, elementwise, validate))
                 for (p_dtype, g_dtype, device), idx in buckets(params, grads).items()]
 
-    for p_dtype, g_dtype, device, ptrs, chunks, n in TABLES.plan(roles, 1, build):
+    for p_dtype, g_dtype, device, idx, ptrs, chunks, n in TABLES.plan(roles, 1, build):
         values = [device_scalar(f"scalar {i}", s, device) for i, s in enumerate(scalars)]
         flag, has_skip = skip_flag(skip, device)
         block, warps, extra = BLOCK, NUM_WARPS, {}
