@@ -368,6 +368,7 @@ def test_a_cached_launch_plan_is_not_reused_for_other_grads_at_the_same_addresse
     kw["first_step"] = False
     if change == "dtype":  # bf16 grads at the fp32 grads' address, same element count
         grad = buf.view(torch.bfloat16)[:n]
+        grad.copy_(torch.randn(n))  # finite values at the same address
         ref = clone([p], [grad], {"momentum_buffer": [m]})
         F.sgd_step([p], [grad], {"momentum_buffer": [m]}, backend="triton", **kw)
         F.sgd_step(*ref, backend="torch", **kw)
