@@ -246,7 +246,8 @@ class FusedOptimizer(Optimizer):
 
     def memory_report(self) -> "MemoryReport":
         """Bytes of optimizer state on this rank: ``total``, ``int8`` (codes and absmax), ``fp32``,
-        ``bf16`` and ``fp16`` (state tensors by dtype: Kahan buffers are bf16), ``counters``; how many params hold int8 or fp32 moments
+        ``bf16`` and ``fp16`` (state tensors by dtype: Kahan buffers are bf16), ``counters``; how
+        many params hold int8 or fp32 moments
         (``params_int8``, ``params_fp32``), their local elements (``numel``) and
         ``bytes_per_element``; ``per_entry`` by state key (dist_optim.state.report)."""
         return memory_report(self.state)

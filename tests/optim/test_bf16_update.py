@@ -20,7 +20,7 @@ import dist_optim
 import triton_kernels
 from dist_optim.state import rounding
 from tests.optim._factories import assert_identical, snapshot, torch_equal_bits
-from tests.optim._setup import SOMETIMES_NONE, make_params, set_grads
+from tests.optim._setup import make_params, set_grads
 
 MODES = ("nearest", "stochastic", "kahan")
 SEED = 1234
@@ -121,7 +121,8 @@ def write(mode, p, x, st, base, t):
     if p.dtype != torch.bfloat16 or mode == "nearest" or p.numel() == 0:
         return x.to(p.dtype)
     if mode == "stochastic":
-        return rounding.stochastic_round_bf16(x, rounding.step_stream(base, t), torch.arange(x.numel()).reshape(x.shape))
+        index = torch.arange(x.numel()).reshape(x.shape)
+        return rounding.stochastic_round_bf16(x, rounding.step_stream(base, t), index)
     new, st["comp"] = rounding.kahan_add_bf16(p, st.setdefault("comp", torch.zeros_like(p)), x - p.float())
     return new
 
@@ -217,7 +218,8 @@ def test_fp32_and_fp16_params_ignore_the_mode(name):
     results = {}
     for mode in MODES:
         gen = torch.Generator().manual_seed(3)
-        params = [torch.randn(9, generator=gen).requires_grad_(), torch.randn(4, 3, generator=gen).half().requires_grad_()]
+        params = [torch.randn(9, generator=gen).requires_grad_(),
+                  torch.randn(4, 3, generator=gen).half().requires_grad_()]
         opt = OPTIMIZERS[name][0](params, bf16_update=mode, backend="torch")
         for step in range(STEPS):
             set_grads(params, step)
