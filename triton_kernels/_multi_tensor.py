@@ -170,14 +170,16 @@ class TableCache:
         a mismatch builds again, through ``build``'s full checks). The first role's dtypes are
         compared too: the kernels' element size comes from them. Devices need no check: a
         pointer names its device (one virtual address space across host and GPUs)."""
-        first = roles[0]
-        key = ("plan", tuple(None if r is None else tuple(map(_data_ptr, r)) for r in roles), tuple(map(_numel, first)))
-        dtypes = (list(map(_dtype, first)), list(map(_dtype, roles[checked])))
+        first, others = roles[0], roles[checked]
+        numels = tuple(map(_numel, first))
+        key = ("plan", tuple(None if r is None else tuple(map(_data_ptr, r)) for r in roles), numels)
+        first_dtypes = list(map(_dtype, first))
+        dtypes = (first_dtypes, first_dtypes if checked == 0 else list(map(_dtype, others)))
         hit = self._lookup(key)
         if hit is not None:
             built, cached_dtypes = hit
-            others = roles[checked]
-            if (cached_dtypes == dtypes and tuple(map(_numel, others)) == key[2] and all(map(_is_contiguous, others))):
+            if (cached_dtypes == dtypes and (checked == 0 or tuple(map(_numel, others)) == numels)
+                    and all(map(_is_contiguous, others))):
                 return built
         built = build()
         self._store(key, (built, dtypes))

@@ -265,10 +265,6 @@ def checkpoint_form(params: Sequence[torch.Tensor], state_dict: dict[str, Any]) 
     return state_dict
 
 
-# The name base.py and lookahead.py call (the checkpoint form is no longer always fp32).
-fp32_moments = checkpoint_form
-
-
 def quantized_form(param: torch.Tensor, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A loaded param state with its moments (fp32, like the param) quantized over the local shard."""
     out = {}

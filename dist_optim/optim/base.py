@@ -55,7 +55,8 @@ from ..state import rounding
 from ..state.report import MemoryReport, memory_report
 from . import _state_dict
 
-_grad, _is_sparse, _device = attrgetter("grad"), attrgetter("is_sparse"), attrgetter("device")
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_grad, _is_sparse, _get_device = attrgetter("grad"), attrgetter("is_sparse"), torch.Tensor.get_device
 _step_of = itemgetter("step")
 
 # The device-flow control vector: [scale, skip, norm, skipped steps so far, -scale (for maximize)].
@@ -253,8 +254,9 @@ class FusedOptimizer(Optimizer):
         return memory_report(self.state)
 
     def state_dict(self) -> dict[str, Any]:
-        """torch's state_dict, with int8 moments in fp32 form (see ``_state_dict``)."""
-        return _state_dict.fp32_moments([p for g in self.param_groups for p in g["params"]], super().state_dict())
+        """torch's state_dict, with int8 moments in their checkpoint form (codes + absmax where the
+        param's shape lets DCP reshard them, else fp32; see ``_state_dict``)."""
+        return _state_dict.checkpoint_form([p for g in self.param_groups for p in g["params"]], super().state_dict())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(
@@ -339,10 +341,14 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         work = self._collect_grads()
         device = self._flow_device(work)
+        self._check_lr_tensors(work)
         plan = self._device_plan(work, keep=True) if device is not None and not host else None
         if plan is not None:
+            if not self._checks_grads():  # no statistics launch validates the grads before counters move
+                self._refuse_unlaunchable(work)
             return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
         self._planned = {}
+        self._refuse_unlaunchable(work)
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = float(grad_scale)
         scale = self._clip_scale(work, grad_scale)
@@ -417,6 +423,37 @@ class FusedOptimizer(Optimizer):
             control = self._controls[device] = _new_control(device)
         return control
 
+    def _check_lr_tensors(self, work) -> None:
+        """A tensor lr that the step cannot use is refused before anything changes (the Triton
+        kernels read a one-element fp32 tensor on the params' device; the other paths read any
+        one-element tensor on the host)."""
+        for group, params, _ in work:
+            lr = group["lr"]
+            if not isinstance(lr, torch.Tensor) or not params:
+                continue
+            local = local_tensor(params[0])
+            on_device = resolve_backend(self.backend, [local]) == "triton"
+            if lr.numel() != 1 or (on_device and (lr.dtype != torch.float32 or lr.device != local.device)):
+                where = f"a one-element fp32 tensor on {local.device}" if on_device else "a one-element tensor"
+                raise ValueError(f"lr must be a float or {where}; got a {lr.dtype} tensor of shape "
+                                 f"{tuple(lr.shape)} on {lr.device}")
+
+    def _refuse_unlaunchable(self, work) -> None:
+        """What the Triton launchers would refuse only after the step counters moved (a grad that is
+        not contiguous, a dtype they do not take), refused first: a refused step changes nothing."""
+        for _, params, grads in work:
+            if not params or resolve_backend(self.backend, [local_tensor(params[0])]) != "triton":
+                continue
+            grads = local_tensors(grads)
+            if not all(map(torch.Tensor.is_contiguous, grads)):
+                i = next(i for i, g in enumerate(grads) if not g.is_contiguous())
+                raise ValueError(f"{type(self).__name__}: the Triton kernels need contiguous grads; grad {i} of "
+                                 f"this step has shape {tuple(grads[i].shape)} and strides {grads[i].stride()}")
+            dtypes = {t.dtype for t in (*local_tensors(params), *grads)}
+            if not dtypes <= _KERNEL_DTYPES:
+                raise ValueError(f"{type(self).__name__}: the Triton kernels take fp32, bf16 and fp16 params and "
+                                 f"grads; this step has {sorted(map(str, dtypes - _KERNEL_DTYPES))}")
+
     def _flow_device(self, work) -> torch.device | None:
         """The device whose Triton kernels run every update of this step (the device flow), or
         None for the host flow (another backend, or params on several devices)."""
@@ -429,7 +466,8 @@ class FusedOptimizer(Optimizer):
             if self.capturable:
                 raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
             return None
-        devices = set(map(_device, local_tensors([p for _, params, _ in work for p in params])))
+        # get_device: an int per tensor (-1 on the CPU), cheaper than building a device object each
+        devices = set(map(_get_device, local_tensors([p for _, params, _ in work for p in params])))
         return device if len(devices) == 1 else None
 
     def counter_device(self, param: torch.Tensor) -> torch.device:
@@ -446,7 +484,9 @@ class FusedOptimizer(Optimizer):
         """The counters a device-flow step advances (each stepped param's "step"), or None when
         some param stepped lacks state (the step then takes the host flow). One pass over the
         states: a lookup is a Python-level tensor hash."""
-        counters, lookup = [], self.state.__getitem__
+        # .get: asking must not create entries in the state's defaultdict (a refused first step
+        # leaves the state as it was)
+        counters, lookup = [], self.state.get
         if self._prebuilt and any(id(p) in self._prebuilt for _, params, _ in work for p in params):
             return None
         planned = {}
@@ -454,6 +494,8 @@ class FusedOptimizer(Optimizer):
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()
             states = list(map(lookup, params))
+            if not all(map(is_not, states, repeat(None))):
+                return None
             if self.bf16_update != "nearest" and not all(self._rounding_keys(p) <= s.keys()
                                                          for p, s in zip(params, states)):
                 return None
@@ -486,7 +528,7 @@ class FusedOptimizer(Optimizer):
     def _new_moment(self, param: torch.Tensor, key: str, fill: float = 0.0) -> dict[str, torch.Tensor]:
         """A moment of ``fill`` for ``param``: fp32 like the param, or int8 codes and absmax over the
         local shard (plain tensors: their blocks are laid out over this rank's shard, so they are not
-        slices of one global tensor; checkpoints hold the fp32 form, see ``state_dict``)."""
+        slices of one global tensor; checkpoints lay them out per param, see ``state_dict``)."""
         if self._quantizes(param):
             local = local_tensor(param)
             if fill == 0.0:

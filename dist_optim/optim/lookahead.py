@@ -207,8 +207,8 @@ class Lookahead(Optimizer):
         return self.optimizer.memory_report()
 
     def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's state with Lookahead's, int8 moments in fp32 form."""
-        return _state_dict.fp32_moments([p for g in self.param_groups for p in g["params"]], super().state_dict())
+        """The wrapped optimizer's state with Lookahead's, int8 moments in their checkpoint form."""
+        return _state_dict.checkpoint_form([p for g in self.param_groups for p in g["params"]], super().state_dict())
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         _state_dict.load_into(

@@ -18,10 +18,12 @@ The int8 format an optimizer's state is to take (``state_dtype="int8"``):
   block | CHUNK, see triton_kernels._quant); elements past a tensor's end enter the quantizer
   as 0.0;
 - checkpoints: the block layout depends on the shard boundaries, so int8 state saved by one
-  world size is not a slice of the same global tensor for another. Either save fp32 (``to_fp32``;
-  any resharding, 4 bytes per element) or save codes and absmax with the shard boundaries and
-  ``reblock`` on load (lossless when all boundaries are multiples of the block, otherwise one
-  more rounding, bounded in ``checkpoint``).
+  world size is not a slice of the same global tensor for another. dist_optim.optim._state_dict
+  saves codes and absmax laid out by the param's shape where every shard boundary is a block
+  boundary at any world size (lossless resharding), and the fp32 form elsewhere; ``reblock`` and
+  ``dequantize_pieces`` re-form blocks between flat layouts (DeepSpeed's universal form), lossless
+  when all boundaries are multiples of the block, otherwise one more rounding, bounded in
+  ``checkpoint``.
 """
 
 from .accounting import MIN_QUANTIZED_NUMEL, StateBytes, int8_state_bytes, quantizes, state_bytes, tensor_bytes

@@ -242,3 +242,35 @@ def test_raise_in_the_device_flow_raises_before_anything_changes():
     with pytest.raises(dist_optim.optim.base.NonFiniteGradientError, match="inf or NaN"):
         opt.step()
     assert_identical(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["host-flow", "device-flow"])
+def test_an_unusable_tensor_lr_is_refused_before_anything_changes(first):
+    """A tensor lr the kernels cannot read (here fp64) is refused with a ValueError before the
+    counters move, on the step that builds state (host flow) as on a steady-state one."""
+    params = make_params()
+    opt = dist_optim.AdamW(params, backend="triton")
+    if not first:
+        run(opt, params, 0, 2)
+    before = snapshot(opt, params)
+    opt.param_groups[0]["lr"] = torch.tensor(1e-3, dtype=torch.float64)
+    set_grads(params, 2)
+    with pytest.raises(ValueError, match="lr must be a float or a one-element fp32 tensor"):
+        opt.step()
+    assert_identical(before, snapshot(opt, params))
+
+
+@pytest.mark.parametrize("nonfinite", ["skip", "apply"])
+@pytest.mark.parametrize("first", [True, False], ids=["host-flow", "device-flow"])
+def test_a_non_contiguous_grad_is_refused_before_anything_changes(first, nonfinite):
+    params = make_params()
+    opt = dist_optim.AdamW(params, backend="triton", nonfinite=nonfinite)
+    if not first:
+        run(opt, params, 0, 2)
+    before = snapshot(opt, params)
+    set_grads(params, 2)
+    square = next(p for p in params if p.dim() == 2 and p.shape[0] == p.shape[1])
+    square.grad = square.grad.t().contiguous().t()  # same values, transposed strides
+    with pytest.raises(ValueError, match="contiguous"):
+        opt.step()
+    assert_identical(before, snapshot(opt, params))
