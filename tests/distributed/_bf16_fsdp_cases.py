@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_optim
+from tests.distributed._fsdp_cases import shard
 
 STEPS = 4
 SEED = 77
@@ -33,14 +34,7 @@ def model(seed: int = 0) -> nn.Module:
 
 
 def sharded_model(seed: int = 0) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    net = model(seed)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    fully_shard(net[0], mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
+    return shard(model(seed))
 
 
 def optimizer(params, name: str, mode: str, state_dtype: str = "fp32"):

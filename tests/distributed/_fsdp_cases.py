@@ -39,10 +39,14 @@ def loss_fn(net, x, y):
 
 def sharded_model(seed: int = 0, dtype: torch.dtype = torch.float32, hsdp: bool = False) -> nn.Module:
     """FSDP2 over the world, or HSDP (2 replicas of a half-world shard group) with ``hsdp``."""
+    return shard(model(seed).to(dtype), hsdp)  # the dtype before fully_shard, which fixes what it computes in
+
+
+def shard(net: nn.Module, hsdp: bool = False) -> nn.Module:
+    """``fully_shard`` the first layer, then the whole model, over the world (or HSDP)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    net = model(seed).to(dtype)  # before fully_shard, which fixes the dtype it computes in
     world = dist.get_world_size()
     if hsdp:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch import nn
 
 import dist_optim
+from tests.distributed._fsdp_cases import shard
 
 PER_RANK = 4
 
@@ -33,14 +34,7 @@ def global_batch(step: int, world: int):
 
 
 def sharded_model(seed: int = 0) -> nn.Module:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    net = model(seed)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    fully_shard(net[0], mesh=mesh)
-    fully_shard(net, mesh=mesh)
-    return net
+    return shard(model(seed))
 
 
 def train(net, opt, start: int, steps: int, world: int, rank: int | None = None):

@@ -9,6 +9,17 @@ import torch
 POSITIVE = ("exp_avg_sq", "max_exp_avg_sq", "sum", "square_avg")  # state kept >= 0 by its optimizer
 
 
+# Adam's switches, for every backend's Adam test: coupled/decoupled decay, amsgrad, and a beta1
+# that takes torch.lerp's other branch.
+ADAM_CASES = [
+    dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
+    dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
+    dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
+    dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),
+]
+ADAM_IDS = ["adam", "adam-l2-amsgrad", "adamw", "adamw-amsgrad-bigweight"]
+
+
 def at_offset(t, offset):
     """A copy of t that starts ``offset`` elements into its own buffer (offset 0: a plain copy)."""
     view = torch.empty(offset + t.numel(), dtype=t.dtype, device=t.device)[offset:]

@@ -27,7 +27,7 @@ import dist_optim.functional as F
 from dist_optim.functional._common import fused_kernels, resolve_backend
 from dist_optim.state import rounding as R
 from tests.kernels import _against_torch as shared
-from tests.kernels._against_torch import assert_match, clone
+from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, assert_match, clone
 from tests.optim._factories import CONFIGS
 from tests.optim._setup import make_params, run
 
@@ -117,16 +117,7 @@ def test_rmsprop(dtype, grad_dtype, kw):
 
 
 @dtypes
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
-        dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
-        dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),  # lerp's other branch
-    ],
-    ids=["adam", "adam-l2-amsgrad", "adamw", "adamw-amsgrad-bigweight"],
-)
+@pytest.mark.parametrize("kw", ADAM_CASES, ids=ADAM_IDS)
 def test_adam(dtype, grad_dtype, kw):
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw["amsgrad"] else [])
 

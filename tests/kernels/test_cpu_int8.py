@@ -39,7 +39,7 @@ from dist_optim.functional._common import fused_kernels
 from dist_optim.state import MIN_QUANTIZED_NUMEL
 from dist_optim.state.codes import max_half_gap, thresholds
 from dist_optim.state.layout import QBLOCK, absmax_key, code_map, dequantize_state, quantize_state
-from tests.kernels._against_torch import POSITIVE, assert_match
+from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, POSITIVE, assert_match
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler to build cpu_kernels"
@@ -185,16 +185,7 @@ def test_rmsprop(dtype, grad_dtype, kw):
 
 
 @dtypes
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
-        dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
-        dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),  # lerp's other branch
-    ],
-    ids=["adam", "adam-l2-amsgrad", "adamw", "adamw-amsgrad-bigweight"],
-)
+@pytest.mark.parametrize("kw", ADAM_CASES, ids=ADAM_IDS)
 def test_adam(dtype, grad_dtype, kw):
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw["amsgrad"] else [])
 

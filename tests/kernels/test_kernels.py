@@ -20,7 +20,7 @@ import torch
 import dist_optim.functional as F
 import triton_kernels
 from tests.kernels import _against_torch as shared
-from tests.kernels._against_torch import assert_match, at_offset, clone
+from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, assert_match, at_offset, clone
 from tests._triton import device  # noqa: F401 (a fixture)
 
 # Under the interpreter a chunk is 256 elements: 512 is two full chunks and no tail, 1003 three full
@@ -92,15 +92,7 @@ def test_rmsprop(device, dtype, grad_dtype, kw):
 
 
 @low_precision_grads
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.0, decoupled=False, amsgrad=False),
-        dict(beta1=0.9, beta2=0.99, weight_decay=0.1, decoupled=False, amsgrad=True),
-        dict(beta1=0.9, beta2=0.999, weight_decay=0.1, decoupled=True, amsgrad=False),
-        dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),  # lerp's other branch
-    ],
-)
+@pytest.mark.parametrize("kw", ADAM_CASES, ids=ADAM_IDS)
 def test_adam(device, dtype, grad_dtype, kw):
     keys = ["exp_avg", "exp_avg_sq"] + (["max_exp_avg_sq"] if kw["amsgrad"] else [])
 

@@ -196,20 +196,7 @@ def test_triton_int8_run_matches_the_torch_int8_run(name):
     assert tri.skipped_steps == ref.skipped_steps == 1
     for opt, params in ((tri, p_tri), (ref, p_ref)):
         run(opt, params, 4, 7, scale=3.0)
-    for a, b in zip(p_tri, p_ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        sa, sb = tri.state.get(a, {}), ref.state.get(b, {})
-        assert sa.keys() == sb.keys()
-        for key in MOMENTS[name]:
-            if absmax_key(key) not in sa:
-                continue
-            x = dequantize_state(sa[key], sa[absmax_key(key)], key)
-            y = dequantize_state(sb[key], sb[absmax_key(key)], key)
-            torch.testing.assert_close(sa[absmax_key(key)], sb[absmax_key(key)], rtol=1e-5, atol=1e-7)
-            # one quantization step: the map's widest gap (twice its largest half gap), scaled
-            step = 2 * max_half_gap(code_map(key)) * sb[absmax_key(key)].repeat_interleave(QBLOCK)[: x.numel()]
-            assert bool(((x - y).abs() <= step + 1e-7).all()), key
-            assert (sa[key] != sb[key]).float().mean() < 0.01, key  # codes differ only at thresholds
+    assert_within_a_quantization_step(tri, p_tri, ref, p_ref, MOMENTS[name])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -233,11 +220,19 @@ def test_cpu_backend_runs_int8_state_on_the_cpu_kernels_as_the_torch_path_does(n
     state = cpu.state[quantized[0]]
     assert fused_kernels("cpu", [quantized[0]], [quantized[0].grad], {k: [v] for k, v in state.items()
                                                                        if k not in ("step",)}) is cpu_kernels
-    for a, b in zip(p_cpu, p_ref):
+    assert_within_a_quantization_step(cpu, p_cpu, ref, p_ref, MOMENTS[name])
+
+
+def assert_within_a_quantization_step(opt, params, ref, ref_params, moments) -> None:
+    """Two int8 runs whose fp32 math agrees to an ulp or two: params within the suite's tolerance,
+    scales alike, each dequantized moment within one quantization step of the other's (the map's
+    widest gap, twice its largest half gap, times the block's scale), and codes that differ only
+    where a value sits at a threshold."""
+    for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-        sa, sb = cpu.state.get(a, {}), ref.state.get(b, {})
+        sa, sb = opt.state.get(a, {}), ref.state.get(b, {})
         assert sa.keys() == sb.keys()
-        for key in MOMENTS[name]:
+        for key in moments:
             if absmax_key(key) not in sa:
                 continue
             x = dequantize_state(sa[key], sa[absmax_key(key)], key)
