@@ -18,6 +18,14 @@ ADAM_CASES = [
     dict(beta1=0.3, beta2=0.9, weight_decay=0.01, decoupled=True, amsgrad=True),
 ]
 ADAM_IDS = ["adam", "adam-l2-amsgrad", "adamw", "adamw-amsgrad-bigweight"]
+# RMSprop's: plain, centered with momentum and decay, an alpha that takes lerp's other branch.
+RMSPROP_CASES = [
+    dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
+    dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
+    dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),
+    dict(alpha=0.99, momentum=0.9, centered=False, weight_decay=0.1),
+]
+RMSPROP_IDS = ["plain", "centered-momentum-wd", "centered-bigweight", "momentum-wd"]
 
 
 def at_offset(t, offset):

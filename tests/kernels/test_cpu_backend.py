@@ -27,7 +27,7 @@ import dist_optim.functional as F
 from dist_optim.functional._common import fused_kernels, resolve_backend
 from dist_optim.state import rounding as R
 from tests.kernels import _against_torch as shared
-from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, assert_match, clone
+from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, RMSPROP_CASES, RMSPROP_IDS, assert_match, clone
 from tests.optim._factories import CONFIGS
 from tests.optim._setup import make_params, run
 
@@ -95,15 +95,7 @@ def test_adagrad(dtype, grad_dtype, weight_decay, grad_scale):
 
 
 @dtypes
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
-        dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
-        dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),  # lerp weight >= 0.5: torch's other branch
-        dict(alpha=0.99, momentum=0.9, centered=False, weight_decay=0.1),
-    ],
-)
+@pytest.mark.parametrize("kw", RMSPROP_CASES, ids=RMSPROP_IDS)
 def test_rmsprop(dtype, grad_dtype, kw):
     keys = ["square_avg"] + (["grad_avg"] if kw["centered"] else []) + (["momentum_buffer"] if kw["momentum"] else [])
 

@@ -39,7 +39,7 @@ from dist_optim.functional._common import fused_kernels
 from dist_optim.state import MIN_QUANTIZED_NUMEL
 from dist_optim.state.codes import max_half_gap, thresholds
 from dist_optim.state.layout import QBLOCK, absmax_key, code_map, dequantize_state, quantize_state
-from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, POSITIVE, assert_match
+from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, RMSPROP_CASES, RMSPROP_IDS, POSITIVE, assert_match
 
 pytestmark = pytest.mark.skipif(
     shutil.which("g++") is None and shutil.which("c++") is None, reason="no C++ compiler to build cpu_kernels"
@@ -163,16 +163,7 @@ def test_adagrad(dtype, grad_dtype, weight_decay, grad_scale):
 
 
 @dtypes
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
-        dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
-        dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),  # lerp weight >= 0.5: torch's other branch
-        dict(alpha=0.99, momentum=0.9, centered=False, weight_decay=0.1),
-    ],
-    ids=["plain", "centered-momentum-wd", "centered-bigweight", "momentum-wd"],
-)
+@pytest.mark.parametrize("kw", RMSPROP_CASES, ids=RMSPROP_IDS)
 def test_rmsprop(dtype, grad_dtype, kw):
     keys = ["square_avg"] + (["grad_avg"] if kw["centered"] else []) + (["momentum_buffer"] if kw["momentum"] else [])
 

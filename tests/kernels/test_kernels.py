@@ -20,7 +20,8 @@ import torch
 import dist_optim.functional as F
 import triton_kernels
 from tests.kernels import _against_torch as shared
-from tests.kernels._against_torch import ADAM_CASES, ADAM_IDS, assert_match, at_offset, clone
+from tests.kernels._against_torch import (ADAM_CASES, ADAM_IDS, RMSPROP_CASES, RMSPROP_IDS, assert_match, at_offset,
+                                          clone)
 from tests._triton import device  # noqa: F401 (a fixture)
 
 # Under the interpreter a chunk is 256 elements: 512 is two full chunks and no tail, 1003 three full
@@ -68,14 +69,11 @@ def test_adagrad(device, dtype, grad_dtype, weight_decay, grad_scale):
 
 
 @low_precision_grads
-@pytest.mark.parametrize(
-    "kw",
-    [
-        dict(alpha=0.99, momentum=0.0, centered=False, weight_decay=0.0),
-        dict(alpha=0.9, momentum=0.5, centered=True, weight_decay=0.01),
-        dict(alpha=0.3, momentum=0.9, centered=True, weight_decay=0.0),  # lerp weight >= 0.5: torch's other branch
-    ],
-)
+# Not the fourth case (momentum, weight decay, zero initial state) here: where 0.8 g + 0.1 p cancels
+# to near zero, g / (sqrt(v) + eps) turns the interpreter's unfused multiply-add (torch's CPU ops fuse
+# it) into differences beyond the fp32 state tolerance; the CPU kernels, which fuse as torch does,
+# run it (test_cpu_backend.py).
+@pytest.mark.parametrize("kw", RMSPROP_CASES[:3], ids=RMSPROP_IDS[:3])
 def test_rmsprop(device, dtype, grad_dtype, kw):
     keys = ["square_avg"] + (["grad_avg"] if kw["centered"] else []) + (["momentum_buffer"] if kw["momentum"] else [])
 
