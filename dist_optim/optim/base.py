@@ -56,6 +56,7 @@ from ..state.report import MemoryReport, memory_report
 from . import _state_dict
 
 _KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_dtype = attrgetter("dtype")
 _grad, _is_sparse, _get_device = attrgetter("grad"), attrgetter("is_sparse"), torch.Tensor.get_device
 _step_of = itemgetter("step")
 
@@ -449,7 +450,7 @@ class FusedOptimizer(Optimizer):
                 i = next(i for i, g in enumerate(grads) if not g.is_contiguous())
                 raise ValueError(f"{type(self).__name__}: the Triton kernels need contiguous grads; grad {i} of "
                                  f"this step has shape {tuple(grads[i].shape)} and strides {grads[i].stride()}")
-            dtypes = {t.dtype for t in (*local_tensors(params), *grads)}
+            dtypes = set(map(_dtype, local_tensors(params))) | set(map(_dtype, grads))
             if not dtypes <= _KERNEL_DTYPES:
                 raise ValueError(f"{type(self).__name__}: the Triton kernels take fp32, bf16 and fp16 params and "
                                  f"grads; this step has {sorted(map(str, dtypes - _KERNEL_DTYPES))}")

@@ -191,7 +191,8 @@ def test_adam(dtype, grad_dtype, kw):
 @pytest.mark.parametrize("sync", [None, 0.3], ids=["radam", "ranger-sync"])
 @pytest.mark.parametrize("decoupled", [False, True])
 def test_radam_and_ranger_sync(dtype, grad_dtype, first_step, sync, decoupled):
-    """Ranger's fused sync step keeps its slow weights fp32 beside the int8 moments."""
+    """Ranger's fused sync step with int8 moments and fp32 slow buffers (given here at the launcher;
+    the optimizer's default slow dtype is the param's)."""
     def step(p, g, s, *, t, backend):
         F.radam_step(p, g, s, lr=0.01, beta1=0.95, beta2=0.999, eps=1e-5, weight_decay=0.05, decoupled=decoupled,
                      rho_threshold=5.0, step=first_step + t - 1, lookahead_alpha=sync, grad_scale=1.3, backend=backend)
