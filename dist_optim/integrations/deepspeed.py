@@ -12,10 +12,15 @@ Our optimizers are marked ZeRO-supported (no ``zero_allow_untested_optimizer``) 
 ``offload_optimizer`` (no ``zero_force_ds_cpu_optimizer: false``, unless the config sets it).
 
 One clipping owner, settled once the engine knows its precision wrapper:
-- ZeRO-1/2 (and their bf16 + fp32-accumulation wrapper): ours. The update's grad statistics reduce
-  over the wrapper's data-parallel group (bound after the wrapper swaps in its flat partitions),
-  DeepSpeed's ``gradient_clipping`` becomes 0, and where DeepSpeed allows it
-  (``DeepSpeedZeroOptimizer`` without offload) its now redundant norm is not computed;
+- ZeRO-1/2: ours, and DeepSpeed's ``gradient_clipping`` becomes 0. ``DeepSpeedZeroOptimizer`` steps
+  ours once per param group, and a group's grads may not exist before its turn, so ours clips and
+  skips on the global norm DeepSpeed reduces over every group before the first (under
+  ``offload_optimizer``, computed on the device as each grad is copied to the host: no pass over
+  the host grads). DeepSpeed itself skips a step whose norm is not finite, on every rank, except
+  with bf16 params without ``check_grad_overflow``, where ours does (``"raise"`` is refused where
+  DeepSpeed skips first). Its bf16 + fp32-accumulation wrapper steps ours once: there the update's
+  own statistics reduce over the wrapper's data-parallel group (bound after the wrapper swaps in
+  its flat partitions);
 - ZeRO-0 (replicated params, fp32 or DeepSpeed's fp16/bf16 master copies): ours, statistics local;
 - ZeRO-3, which calls ``step()`` once per sub-group so no call sees the global norm: DeepSpeed's.
   ``max_grad_norm`` becomes ``gradient_clipping``; DeepSpeed skips non-finite steps on every rank,
@@ -120,25 +125,29 @@ def settle_clipping(engine: Any, optimizer: Any) -> None:
     base.expect_binding()
 
 
-def _skip_redundant_norm(engine: Any, optimizer: Any, wrapper_kind: Any) -> None:
-    """ZeRO-1/2's DeepSpeedZeroOptimizer computes a global norm we already fold into the update:
-    turn it off where DeepSpeed allows (no offload; not the bf16 + fp32-accumulation wrapper, which
-    needs it) and the user did not choose."""
-    from deepspeed.runtime.zero.config import ZERO_OPTIMIZATION  # the engine's name for this wrapper
+def _norm_of_this_step(wrapper: Any, base: Any) -> None:
+    """ZeRO-1/2's ``DeepSpeedZeroOptimizer`` sets ``_global_grad_norm`` (over every group, unscaled)
+    before stepping the first group; ours takes it (see the module doc). Refused where DeepSpeed is
+    told not to compute it and ours would have to decide per group."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    base = _optim.fused_core(optimizer)
-    zero = engine._config.zero_config
-    if (
-        base is None
-        or base.max_grad_norm is None
-        or wrapper_kind != ZERO_OPTIMIZATION
-        or engine.zero_optimization_stage() not in (1, 2)
-        or engine.zero_cpu_offload()
-        or not hasattr(zero, "compute_grad_norm")
-        or "compute_grad_norm" in _raw_config(engine).get("zero_optimization", {})
-    ):
+    if not isinstance(wrapper, DeepSpeedZeroOptimizer) or not base._checks_grads():
         return
-    zero.compute_grad_norm = False
+    if base.nonfinite == "raise" and (wrapper.dtype != torch.bfloat16 or wrapper.check_grad_overflow):
+        raise ValueError(
+            "Invalid nonfinite: 'raise' under ZeRO-1/2 with fp32 or fp16 params, or bf16 with check_grad_overflow "
+            "(DeepSpeed skips a step whose norm is not finite on every rank before ours runs); use 'skip'"
+        )
+    if not getattr(wrapper, "compute_grad_norm", True):
+        if len(wrapper.bit16_groups) > 1:
+            raise ValueError(
+                f"Invalid zero_optimization.compute_grad_norm: False with {len(wrapper.bit16_groups)} param "
+                "groups (DeepSpeed steps each group on its own, so clipping and the non-finite check need "
+                "DeepSpeed's norm over all of them); leave it on, or set max_grad_norm=None and "
+                "nonfinite='apply'"
+            )
+        return
+    base.use_norm_from(lambda: wrapper._global_grad_norm)
 
 
 def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
@@ -169,6 +178,7 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     base.bind_params(group)
     if engine.zero_optimization_stage() < 3:
         _report_through(wrapper, base, own=wrapper is optimizer)
+        _norm_of_this_step(wrapper, base)
         if base.state_dtype == "int8":  # for the accessors: ZeRO-1/2 params do not know their optimizer
             for p in engine.module.parameters():
                 p._dist_optim_core = weakref.ref(base)
@@ -305,8 +315,11 @@ def _report_through(wrapper: Any, base: Any, *, own: bool) -> None:
 
     def step(*args: Any, **kwargs: Any):
         skipped = base.skipped_steps
+        if not own:
+            wrapper._global_grad_norm = None  # a norm ours reads is this step's, never a stale one
         out = wrapper_step(*args, **kwargs)
         if base.skipped_steps != skipped:
+            base.count_skips_as_one(base.skipped_steps - skipped)  # one skip per group stepped
             wrapper.overflow = True
         elif own:
             wrapper.overflow = False
@@ -344,9 +357,7 @@ def _patch_engine(engine_module: Any) -> None:
 
     def _do_optimizer_sanity_check(self, basic_optimizer):
         settle_clipping(self, basic_optimizer)
-        kind = sanity_check(self, basic_optimizer)
-        _skip_redundant_norm(self, basic_optimizer, kind)
-        return kind
+        return sanity_check(self, basic_optimizer)
 
     def _configure_optimizer(self, client_optimizer, model_parameters):
         # DeepSpeed refuses client optimizers under offload for torch.optim's sake; ours step CPU

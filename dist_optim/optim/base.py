@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter, is_not, itemgetter, le
 from typing import Any
@@ -126,6 +126,9 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
         self.process_group = process_group if process_group is not None else fsdp1_group(self.param_groups)
         self._grad_layout = GradLayout()
+        # A runner that reduces the grads' global norm itself before stepping ours (see
+        # use_norm_from): a callable giving that norm for the step being taken, or None.
+        self._norm_source: Callable[[], float | torch.Tensor | None] | None = None
         self._skipped_on_host = 0
         self._last_norm: float | torch.Tensor | None = None
         # One control vector per device, made on the first device-flow step; it also counts the
@@ -164,6 +167,10 @@ class FusedOptimizer(Optimizer):
     def skipped_steps(self) -> int:
         """Steps skipped on a non-finite gradient (reading it waits for the device)."""
         return self._skipped_on_host + sum(int(c[_SKIPPED]) for c in self._controls.values())
+
+    def count_skips_as_one(self, skips: int) -> None:
+        """A runner that stepped ours once per param group on one skipped step counts it once."""
+        self._skipped_on_host -= skips - 1
 
     @property
     def last_grad_norm(self) -> float | None:
@@ -586,11 +593,23 @@ class FusedOptimizer(Optimizer):
             work.append((group, params, grads))
         return work
 
+    def use_norm_from(self, source: Callable[[], float | torch.Tensor | None] | None) -> None:
+        """Clip and skip on a global gradient norm that the runner has already reduced, instead of
+        reading the grads again: ``source()`` gives the norm of the grads about to be stepped (inf
+        or NaN when any is non-finite), or None, which makes the step compute its own. For runners
+        that step ours one param group at a time (DeepSpeed ZeRO-1/2), where statistics computed
+        per call would clip and skip each group on its own."""
+        self._norm_source = source
+
     def _grad_stats(self, work) -> torch.Tensor | None:
         """The all-reduced [sum of squares, non-finite flag] when clipping or the non-finite check
         needs them, else None."""
         if not self._checks_grads():
             return None
+        norm = self._norm_source() if self._norm_source is not None else None
+        if norm is not None:
+            norm = torch.as_tensor(norm, dtype=torch.float32)
+            return torch.stack([norm * norm, (~torch.isfinite(norm) | (norm < 0)).float()])  # < 0: DeepSpeed's mark
         grads = [g for _, _, gs in work for g in gs]
         if self.process_group is None and active():
             self._refuse_unknown_shards(work, grads)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.distributed as dist
 
@@ -44,23 +46,49 @@ def full_params(engine) -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
 
-def train(engine, steps: int, start: int = 0, nan_at: int | None = None) -> None:
+def train(engine, steps: int, start: int = 0, nan_at: int | None = None, nan_in: str = "loss") -> None:
+    """``nan_at``: at that step the last rank's loss is NaN (``nan_in="loss"``), or only its last
+    bias's grad (``"bias"``: one param group's grads bad, the other's finite)."""
     rank, world = dist.get_rank(), dist.get_world_size()
     for step in range(start, start + steps):
         x, y = global_batch(step, world)
         loss = loss_fn(engine, rank_slice(x, rank, world), rank_slice(y, rank, world))
+        hook = None
         if step == nan_at and rank == world - 1:
-            loss = loss * float("nan")
+            if nan_in == "loss":
+                loss = loss * float("nan")
+            else:
+                hook = list(engine.module.parameters())[-1].register_hook(lambda g: g * float("nan"))
         engine.backward(loss)
+        if hook is not None:
+            hook.remove()
         engine.step()
 
 
-def run_zero(stage: int, name: str, steps: int, **cfg):
+def spec_of(name: str, max_grad_norm: float | None = None) -> dict:
+    """OPT_SPECS[name], with our clipping on where ``max_grad_norm`` is given."""
+    spec = copy.deepcopy(OPT_SPECS[name])
+    if max_grad_norm is not None:
+        inner = spec["params"]["optimizer"] if spec["type"] == "dist_optim.Lookahead" else spec
+        inner["params"]["max_grad_norm"] = max_grad_norm
+    return spec
+
+
+def run_zero(stage: int, name: str, steps: int, *, groups: bool = False, nan_at: int | None = None,
+             nan_in: str = "loss", max_grad_norm: float | None = None, **cfg):
+    """The full params after ``steps``; with ``nan_at``, also ours' and the engine's skipped-step
+    counts. ``groups``: HF's decay / no-decay split handed to initialize as model_parameters."""
     import dist_optim.deepspeed
 
-    engine, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS[name], **cfg))
-    train(engine, steps)
-    return full_params(engine)
+    net = model()
+    spec = spec_of(name, max_grad_norm)
+    engine, *_ = dist_optim.deepspeed.initialize(
+        model=net, model_parameters=decay_groups(net) if groups else None, config=ds_config(stage, spec, **cfg)
+    )
+    train(engine, steps, nan_at=nan_at, nan_in=nan_in)
+    if nan_at is None:
+        return full_params(engine)
+    return full_params(engine), dist_optim.optim.fused_core(engine.basic_optimizer).skipped_steps, engine.skipped_steps
 
 
 def run_client_optimizer(stage: int, steps: int):
@@ -77,13 +105,22 @@ def run_client_optimizer(stage: int, steps: int):
     return full_params(engine)
 
 
-def run_clipping(stage: int, steps: int, max_norm: float):
+def decay_groups(net, weight_decay: float = 0.1) -> list[dict]:
+    """HF Trainer's split: matrices decay, biases do not (two param groups)."""
+    params = list(net.parameters())
+    return [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0},
+    ]
+
+
+def run_clipping(stage: int, steps: int, max_norm: float, *, groups: bool = False, **cfg):
     import dist_optim
     import dist_optim.deepspeed
 
     net = model()
-    opt = dist_optim.AdamW(net.parameters(), lr=0.01, max_grad_norm=max_norm)
-    engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None))
+    opt = dist_optim.AdamW(decay_groups(net) if groups else net.parameters(), lr=0.01, max_grad_norm=max_norm)
+    engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None, **cfg))
     train(engine, steps)
     return full_params(engine), engine.config["gradient_clipping"] if isinstance(engine.config, dict) else None
 
@@ -91,7 +128,7 @@ def run_clipping(stage: int, steps: int, max_norm: float):
 def run_nan(stage: int):
     import dist_optim.deepspeed
 
-    engine, opt, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS["Ranger"]))
+    engine, *_ = dist_optim.deepspeed.initialize(model=model(), config=ds_config(stage, OPT_SPECS["Ranger"]))
     train(engine, 2)
     before = full_params(engine)
     train(engine, 1, start=2, nan_at=2)
@@ -116,19 +153,20 @@ def run_checkpoint(stage: int, name: str, root: str, steps: int, then: int, resu
     return full_params(engine)
 
 
-def reference(name: str, steps: int, world: int, **opt_kw):
-    """One process, our optimizer on the plain model, the whole batch."""
-    from tests.integrations._ds_cases import OPT_SPECS as specs
+def reference(name: str, steps: int, world: int, *, groups: bool = False, skip_at: int | None = None,
+              max_grad_norm: float | None = None, **opt_kw):
+    """One process, our optimizer on the plain model, the whole batch; ``skip_at``: no step there."""
     import dist_optim.deepspeed
 
     net = model()
-    opt = dist_optim.deepspeed.build_from_config(specs[name], net.parameters())
+    opt = dist_optim.deepspeed.build_from_config(spec_of(name, max_grad_norm), decay_groups(net) if groups else net.parameters())
     for k, v in opt_kw.items():
         setattr(opt, k, v)
     for step in range(steps):
         x, y = global_batch(step, world)
         loss_fn(net, x, y).backward()
-        opt.step()
+        if step != skip_at:
+            opt.step()
         opt.zero_grad()
     return [p.detach() for p in net.parameters()]
 

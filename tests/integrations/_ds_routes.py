@@ -12,11 +12,13 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed._fsdp_cases import PER_RANK, global_batch, model, rank_slice
+from tests.integrations._ds_cases import decay_groups
 
 ADAMW = {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
 PRECISIONS = {
     "fp32": {},
     "bf16": {"bf16": {"enabled": True}},
+    "bf16-unchecked": {"bf16": {"enabled": True, "check_grad_overflow": False}},  # DeepSpeed steps on NaN norms
     "bf16+fp32acc": {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
     "fp16": {"fp16": {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000}},
 }
@@ -57,12 +59,13 @@ def allow_cpu_fp16() -> None:
 
 def build(route: str, stage: int, precision: str, max_norm: float | None, *, accum: int = 1,
           offload: bool = False, scheduler: dict | None = None, seed: int = 0, ds_clip: float | None = None,
-          zero_extra: dict | None = None, nonfinite: str = "skip"):
+          zero_extra: dict | None = None, nonfinite: str = "skip", groups: bool = False):
     """An engine for ``route``:
     - ``builtin``: DeepSpeed's AdamW (torch_adam) with ``gradient_clipping = max_norm``;
     - ``client``: plain ``deepspeed.initialize(optimizer=dist_optim.AdamW(..., max_grad_norm=max_norm))``;
     - ``config``: plain ``deepspeed.initialize`` with ``"type": "dist_optim.AdamW"`` in the ds_config;
-    - ``wrapper``: ``dist_optim.deepspeed.initialize`` with our optimizer object."""
+    - ``wrapper``: ``dist_optim.deepspeed.initialize`` with our optimizer object.
+    ``groups``: ours gets HF's decay / no-decay param groups (client and wrapper routes)."""
     import deepspeed
 
     import dist_optim
@@ -82,7 +85,7 @@ def build(route: str, stage: int, precision: str, max_norm: float | None, *, acc
                         optimizer={"type": "dist_optim.AdamW", "params": params})
         engine, *_ = deepspeed.initialize(model=net, model_parameters=net.parameters(), config=cfg)
     elif route in ("client", "wrapper"):
-        opt = dist_optim.AdamW(net.parameters(), **ours_kw)
+        opt = dist_optim.AdamW(decay_groups(net, ADAMW["weight_decay"]) if groups else net.parameters(), **ours_kw)
         clipping = ds_clip if ds_clip is not None else (None if max_norm else 0.0)
         cfg = ds_config(stage, precision, clipping=clipping, accum=accum, offload=offload, scheduler=scheduler,
                         zero_extra=zero_extra)
@@ -172,6 +175,7 @@ def refused_routes() -> dict[str, str]:
         "unknown type": error_of(deepspeed.initialize, model=net, model_parameters=net.parameters(),
                                  config=ds_config(2, "fp32", clipping=0.0, optimizer={"type": "dist_optim.Adamax"})),
         "raise on zero3": error_of(build, "client", 3, "fp32", None, nonfinite="raise"),
+        "raise on zero1": error_of(build, "client", 1, "fp32", None, nonfinite="raise"),
     }
 
 
@@ -244,18 +248,21 @@ def run_accelerate(stage: int, precision: str, max_norm: float | None, steps: in
         AcceleratorState._reset_state(True)
 
 
-def run_skip_reported(stage: int):
-    """Our optimizer skips a step with a NaN on the last rank: the engine counts it as skipped (no
-    scheduler step) and reports our norm on the other steps. Returns (engine.skipped_steps, the lrs
-    seen, the norm DeepSpeed reports after a normal step, ours)."""
-    engine = build("client", stage, "fp32", CLIP_FOR_REPORT,
+def run_skip_reported(stage: int, precision: str = "fp32", groups: bool = False):
+    """A step with a NaN on the last rank is skipped (by ours, or by DeepSpeed first): the engine
+    counts it as skipped (no scheduler step) and reports the norm on the other steps. Returns
+    (engine.skipped_steps, the lrs seen, the norm DeepSpeed reports after a normal step, the steps
+    ours skipped)."""
+    engine = build("client", stage, precision, CLIP_FOR_REPORT, groups=groups,
                    scheduler={"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 0.01,
                                                              "warmup_num_steps": 4}})
     rank, world = dist.get_rank(), dist.get_world_size()
+    dtype = next(engine.module.parameters()).dtype
     lrs, norms = [], []
     for step in range(3):
         x, y = global_batch(step, world)
-        loss = torch.nn.functional.mse_loss(engine(rank_slice(x, rank, world)), rank_slice(y, rank, world))
+        out = engine(rank_slice(x, rank, world).to(dtype)).float()
+        loss = torch.nn.functional.mse_loss(out, rank_slice(y, rank, world))
         if step == 1 and rank == world - 1:
             loss = loss * float("nan")
         engine.backward(loss)

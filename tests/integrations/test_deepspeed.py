@@ -57,6 +57,36 @@ def test_max_grad_norm_equals_clip_grad_norm_and_applies_once(world, stage):
     assert_equal_reference([r[0] for r in results], [p.detach() for p in net.parameters()])
 
 
+@pytest.mark.parametrize("offload", [False, True], ids=["", "offload"])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_max_grad_norm_is_one_norm_over_every_param_group(world, stage, offload):
+    """DeepSpeed steps ours once per param group: the clip coefficient is still the global one."""
+    cfg = {"zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}}} if offload else {}
+    if offload and stage == 3:
+        cfg["zero_optimization"].update(sub_group_size=8, stage3_param_persistence_threshold=0)
+    results = world.run(cases.run_clipping, stage, 4, 0.05, groups=True, **cfg)
+    net = cases.model()
+    opt = torch.optim.AdamW(cases.decay_groups(net), lr=0.01)
+    for step in range(4):
+        x, y = cases.global_batch(step, WORLD)
+        cases.loss_fn(net, x, y).backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        opt.step()
+        opt.zero_grad()
+    assert_equal_reference([r[0] for r in results], [p.detach() for p in net.parameters()])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("name", ["Ranger", "Lookahead(AdamW)"])
+def test_several_param_groups_step_once_and_skip_together(world, stage, name):
+    """Two param groups (DeepSpeed steps ours once per group at ZeRO-1/2) and our clipping, a NaN in
+    one bias's grad on one rank at step 2: the Lookahead counters advance once per step, and the NaN
+    step is skipped in both groups."""
+    results = world.run(cases.run_zero, stage, name, 6, groups=True, nan_at=2, nan_in="bias", max_grad_norm=0.05)
+    assert_equal_reference([r[0] for r in results], cases.reference(name, 6, WORLD, groups=True, skip_at=2, max_grad_norm=0.05))
+    assert [r[1:] for r in results] == [(0, 1)] * WORLD  # fp32: DeepSpeed skips, ours never sees the step
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_nan_on_one_rank_skips_the_step_everywhere(world, stage):
     assert world.run(cases.run_nan, stage) == [True] * WORLD

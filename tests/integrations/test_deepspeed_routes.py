@@ -117,7 +117,7 @@ def test_engine_checkpoint_continues_bit_for_bit(world, tmp_path, stage):
     "stage,precision,kw,expected",
     [
         (0, "fp32", {}, (0.0, CLIP, "skip", True, "AdamW")),
-        (1, "fp32", {}, (0.0, CLIP, "skip", False, "DeepSpeedZeroOptimizer")),
+        (1, "fp32", {}, (0.0, CLIP, "skip", True, "DeepSpeedZeroOptimizer")),
         # Megatron-DeepSpeed's bf16 set-up: DeepSpeed needs its norm there, ours still clips once.
         (1, "bf16+fp32acc", {}, (0.0, CLIP, "skip", True, "BF16_Optimizer")),
         (2, "fp32", {"offload": True}, (0.0, CLIP, "skip", True, "DeepSpeedZeroOptimizer")),
@@ -139,6 +139,7 @@ def test_misuse_is_refused_with_what_to_do(world):
     assert "takes no closure" in errors["lbfgs"]
     assert "Invalid optimizer type: 'dist_optim.Adamax' (valid: dist_optim.SGD" in errors["unknown type"]
     assert "Invalid nonfinite: 'raise' under ZeRO-3" in errors["raise on zero3"]
+    assert "Invalid nonfinite: 'raise' under ZeRO-1/2 with fp32" in errors["raise on zero1"]
 
 
 def test_a_sharded_optimizer_without_its_group_refuses_to_clip_per_rank(world):
@@ -156,15 +157,25 @@ def test_accelerate_deepspeed_plugin_with_hf_style_optimizer_and_scheduler_equal
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
-def test_a_step_we_skip_is_skipped_for_the_engine_and_our_norm_is_reported(world, stage):
-    """No scheduler step and engine.skipped_steps counts it; get_global_grad_norm() gives our norm
-    (at ZeRO-0 DeepSpeed's own optimizer reports none, so ZeRO-1's figure, the same norm, is used)."""
+def test_a_skipped_step_is_skipped_for_the_engine_and_the_norm_is_reported(world, stage):
+    """No scheduler step and engine.skipped_steps counts it; get_global_grad_norm() gives the norm
+    (at ZeRO-0 DeepSpeed's own optimizer reports none, so ZeRO-1's figure, the same norm, is used).
+    In fp32 ZeRO-1/2's DeepSpeed skips before ours runs; at ZeRO-0 ours skips."""
     results = world.run(routes.run_skip_reported, stage)
     ref_norm = world.run(routes.run, "builtin", max(stage, 1), "fp32", CLIP, steps=1)
     for skipped, lrs, norm, ours_skipped in results:
-        assert skipped == 1 and ours_skipped == 1
+        assert skipped == 1 and ours_skipped == (1 if stage == 0 else 0)
         assert lrs[1] == lrs[0]  # the skipped step did not advance the warm-up
         assert norm == pytest.approx(ref_norm[0][3], rel=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bf16_step_ours_skips_counts_once_over_param_groups(world, stage):
+    """bf16 with check_grad_overflow off: DeepSpeed goes on with a non-finite norm and steps ours
+    once per param group; ours skips every group and counts one skipped step."""
+    for skipped, lrs, _, ours_skipped in world.run(routes.run_skip_reported, stage, "bf16-unchecked", True):
+        assert (skipped, ours_skipped) == (1, 1)
+        assert lrs[1] == lrs[0]
 
 
 def test_an_optimizer_factory_under_offload_needs_no_force_flag(world, builtin):
