@@ -28,7 +28,7 @@ to the choice past 1024 elements x 4 warps.
 
 from __future__ import annotations
 
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from operator import attrgetter
 from collections.abc import Callable, Mapping, Sequence
 from typing import NamedTuple
@@ -128,7 +128,10 @@ class TableCache:
 
     def __init__(self, maxsize: int = 128):
         self.maxsize = maxsize
-        self._tables: OrderedDict = OrderedDict()
+        # key -> [entry, last use]: a hit stamps its use instead of reordering, which would hash the
+        # key (a tuple of every pointer of a launch) a second time per lookup
+        self._tables: dict = {}
+        self._clock = 0
         self._pinned: set = set()  # keys a captured CUDA graph reads: never evicted
         self.builds = 0  # tables built so far (tests count them)
 
@@ -200,23 +203,26 @@ class TableCache:
 
     def _lookup(self, key):
         hit = self._tables.get(key)
-        if hit is not None:
-            self._tables.move_to_end(key)
-            if capturing():
-                self._pinned.add(key)
-        return hit
+        if hit is None:
+            return None
+        self._clock += 1
+        hit[1] = self._clock
+        if capturing():
+            self._pinned.add(key)
+        return hit[0]
 
     def _store(self, key, built):
         self.builds += 1
-        self._tables[key] = built
+        self._clock += 1
+        self._tables[key] = [built, self._clock]
         if capturing():
             self._pinned.add(key)
         if len(self._tables) > self.maxsize:
-            # The oldest entry no CUDA graph reads: a captured graph holds the tables' addresses,
-            # so an entry looked up during a capture stays for the life of the process.
-            old = next((k for k in self._tables if k not in self._pinned), None)
-            if old is not None:
-                del self._tables[old]
+            # The least recently used entry no CUDA graph reads: a captured graph holds the tables'
+            # addresses, so an entry looked up during a capture stays for the life of the process.
+            unpinned = [k for k in self._tables if k not in self._pinned]
+            if unpinned:
+                del self._tables[min(unpinned, key=lambda k: self._tables[k][1])]
         return built
 
 

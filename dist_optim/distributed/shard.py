@@ -31,9 +31,14 @@ def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
     """``local_tensor`` of each; when none is a DTensor (plain params, ZeRO partitions) the scan is
     one C-level pass, which matters for a step's host time over hundreds of tensors."""
     tensors = list(tensors)
-    if DTensor is None or not any(map(DTensor.__instancecheck__, tensors)):
+    if not any_dtensor(tensors):
         return tensors
     return [local_tensor(t) for t in tensors]
+
+
+def any_dtensor(tensors: Iterable[torch.Tensor]) -> bool:
+    """Whether any is a DTensor, in one C-level pass."""
+    return DTensor is not None and any(map(DTensor.__instancecheck__, tensors))
 
 
 def new_state_like(param: torch.Tensor, *, fill: float = 0.0, copy: bool = False,

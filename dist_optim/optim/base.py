@@ -46,7 +46,7 @@ from torch.optim import Optimizer
 from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
-from ..distributed.shard import is_dtensor, local_tensor, local_tensors, new_state_like
+from ..distributed.shard import any_dtensor, is_dtensor, local_tensor, local_tensors, new_state_like
 from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
 from ..state import quantizes
@@ -181,6 +181,9 @@ class FusedOptimizer(Optimizer):
 
     # --- torch.optim.Optimizer protocol -------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Whether no param stepped is a DTensor (then neither are their grads and states, and
+        # taking local tensors is a list copy): unknown until the next step's _flow_device looks.
+        self._all_plain = False
         super().add_param_group(param_group)
         try:
             self._check_group(self.param_groups[-1])
@@ -422,7 +425,9 @@ class FusedOptimizer(Optimizer):
         """A scratch control vector on the device the device flow would run ``params`` on (for a
         wrapper compiling its own device-flow launches under ``compiling()``), or None when their
         steps take the host flow."""
+        all_plain = self._all_plain  # about the step's params, not these
         device = self._flow_device([(None, list(params), [])])
+        self._all_plain = all_plain
         return None if device is None else _new_control(device)
 
     def _control(self, device: torch.device) -> torch.Tensor:
@@ -465,17 +470,18 @@ class FusedOptimizer(Optimizer):
     def _flow_device(self, work) -> torch.device | None:
         """The device whose Triton kernels run every update of this step (the device flow), or
         None for the host flow (another backend, or params on several devices)."""
-        first = next((p for _, params, _ in work for p in params), None)
-        if first is None:
+        stepped = [p for _, params, _ in work for p in params]
+        self._all_plain = not any_dtensor(stepped)
+        if not stepped:
             return None
-        local = local_tensor(first)
+        local = local_tensor(stepped[0])
         device = local.device
         if resolve_backend(self.backend, [local]) != "triton":
             if self.capturable:
                 raise ValueError(f"capturable=True needs the Triton backend; the params are on {device}")
             return None
         # get_device: an int per tensor (-1 on the CPU), cheaper than building a device object each
-        devices = set(map(_get_device, local_tensors([p for _, params, _ in work for p in params])))
+        devices = set(map(_get_device, stepped if self._all_plain else local_tensors(stepped)))
         return device if len(devices) == 1 else None
 
     def counter_device(self, param: torch.Tensor) -> torch.device:
@@ -675,12 +681,11 @@ class FusedOptimizer(Optimizer):
                     state.update(self._rounding_state(p))
         return states
 
-    @staticmethod
-    def _locals(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        return local_tensors(tensors)
+    def _locals(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        return list(tensors) if self._all_plain else local_tensors(tensors)
 
     def _states_of(self, states: Sequence[dict[str, torch.Tensor]], keys: Iterable[str]) -> dict[str, list[torch.Tensor]]:
-        return {k: local_tensors(list(map(itemgetter(k), states))) for k in keys}
+        return {k: self._locals(map(itemgetter(k), states)) for k in keys}
 
     def _step_buckets(self, group: Mapping[str, Any], params: list[torch.Tensor], grads: list[torch.Tensor],
                       keys: Sequence[str], skip: torch.Tensor | None, mode: str = "nearest"):

@@ -255,6 +255,7 @@ def test_tables_are_built_once_per_storage(device):
     assert cache.builds == 2 and rebuilt[1].view(-1, 4)[:, 3].tolist() == [0, 0, 0, 0, 0]
     cache.get([params, grads, None], [0, 1], device)
     assert len(cache._tables) == 2  # bounded: the least recently used entry went
+    assert cache.get(roles, [0, 1], device) is rebuilt and cache.builds == 3  # not the one used last
 
 
 def test_compile_only_launches_nothing_but_sees_the_specialization(device):
