@@ -83,6 +83,7 @@ def measure(name: str, steps: int, scale: int, batch_count: int = 40, **opt_kw) 
                 start = time.perf_counter()
                 opt.step()
                 times.append(time.perf_counter() - start)
+        launched = {k: v / steps for k, v in sorted(launches.items())}
         # CPU time of batches of BATCH steps, uncounted: the fastest batch is the host work when no
         # other tenant of a shared machine slowed it (its wall-clock median can double within the
         # hour there, for the same code)
@@ -98,7 +99,7 @@ def measure(name: str, steps: int, scale: int, batch_count: int = 40, **opt_kw) 
         "host_ms_per_step": min(batches) * 1e3,
         "host_ms_per_step_median_batch": statistics.median(batches) * 1e3,
         "wall_ms_per_step_median": statistics.median(times) * 1e3,
-        "host_reads_per_step": per_step, "launches_per_step": {k: v / steps for k, v in sorted(launches.items())},
+        "host_reads_per_step": per_step, "launches_per_step": launched,
     }
 
 
