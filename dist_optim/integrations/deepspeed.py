@@ -18,7 +18,10 @@ One clipping owner, settled once the engine knows its precision wrapper:
   ``offload_optimizer``, computed on the device as each grad is copied to the host: no pass over
   the host grads). DeepSpeed itself skips a step whose norm is not finite, on every rank, except
   with bf16 params without ``check_grad_overflow``, where ours does (``"raise"`` is refused where
-  DeepSpeed skips first). Its bf16 + fp32-accumulation wrapper steps ours once: there the update's
+  DeepSpeed skips first; so is torch autocast in fp16, whose GradScaler scales the grads that norm
+  is taken of). On a step that grows the fp16 loss scale, DeepSpeed divides the grads by the new
+  scale and the norm by the old one: ours rescales the norm to the grads it is handed. Its
+  bf16 + fp32-accumulation wrapper steps ours once: there the update's
   own statistics reduce over the wrapper's data-parallel group (bound after the wrapper swaps in
   its flat partitions);
 - ZeRO-0 (replicated params, fp32 or DeepSpeed's fp16/bf16 master copies): ours, statistics local;
@@ -133,6 +136,13 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
 
     if not isinstance(wrapper, DeepSpeedZeroOptimizer) or not base._checks_grads():
         return
+    if getattr(wrapper, "torch_autocast_gradscaler", None) is not None:
+        raise ValueError(
+            "Invalid torch_autocast: dtype float16 under ZeRO-1/2 with max_grad_norm or nonfinite='skip' "
+            "(DeepSpeed's norm is then of the grads its GradScaler scaled, which it unscales only after; "
+            "ours would clip by a norm a loss scale too large): use bf16 autocast or DeepSpeed's fp16 "
+            "section, or max_grad_norm=None with nonfinite='apply'"
+        )
     if base.nonfinite == "raise" and (wrapper.dtype != torch.bfloat16 or wrapper.check_grad_overflow):
         raise ValueError(
             "Invalid nonfinite: 'raise' under ZeRO-1/2 with fp32 or fp16 params, or bf16 with check_grad_overflow "
@@ -147,7 +157,31 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
                 "nonfinite='apply'"
             )
         return
-    base.use_norm_from(lambda: wrapper._global_grad_norm)
+    base.use_norm_from(functools.partial(_norm_of_grads_seen, wrapper, _scale_at_step_start(wrapper)))
+
+
+def _scale_at_step_start(wrapper: Any) -> list[float]:
+    """A cell holding the wrapper's loss scale as each engine step starts (updated by a wrapping
+    of its ``step``)."""
+    cell = [1.0]
+    step = wrapper.step
+
+    def stepping(*args: Any, **kwargs: Any):
+        cell[0] = float(wrapper.loss_scale)
+        return step(*args, **kwargs)
+
+    wrapper.step = stepping
+    return cell
+
+
+def _norm_of_grads_seen(wrapper: Any, scale_at_start: list[float]):
+    """The global norm of the grads ours is handed in this step. DeepSpeed divides the norm it
+    reduced by the loss scale the loss was scaled with, but the grads by the scale after this
+    step's update (twice that on a step that grows it)."""
+    norm = wrapper._global_grad_norm
+    if norm is None:
+        return None
+    return norm * (scale_at_start[0] / float(wrapper.loss_scale))
 
 
 def bind_to_wrapper(engine: Any, optimizer: Any) -> None:

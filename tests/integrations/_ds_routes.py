@@ -21,6 +21,10 @@ PRECISIONS = {
     "bf16-unchecked": {"bf16": {"enabled": True, "check_grad_overflow": False}},  # DeepSpeed steps on NaN norms
     "bf16+fp32acc": {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}},
     "fp16": {"fp16": {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1000}},
+    # the loss scale doubles after every step without overflow: the grads a step sees were divided
+    # by the new scale, its norm by the old one
+    "fp16-growing": {"fp16": {"enabled": True, "initial_scale_power": 8, "loss_scale_window": 1}},
+    "fp16-autocast": {"torch_autocast": {"enabled": True, "dtype": "torch.float16"}},  # a GradScaler of its own
 }
 
 
@@ -71,7 +75,7 @@ def build(route: str, stage: int, precision: str, max_norm: float | None, *, acc
     import dist_optim
     import dist_optim.deepspeed
 
-    if precision == "fp16":
+    if precision.startswith("fp16"):
         allow_cpu_fp16()
     net = model(seed)
     ours_kw = dict(ADAMW, betas=tuple(ADAMW["betas"]), max_grad_norm=max_norm, nonfinite=nonfinite)
@@ -153,6 +157,18 @@ def ownership(stage: int, precision: str, **kw):
             type(engine.optimizer).__name__)
 
 
+def build_autocast_fp16():
+    """Our clipping under ZeRO-2 with torch autocast in fp16. DeepSpeed marks autocast on in a
+    process-wide flag that no later engine clears; cleared here, as this process builds more."""
+    from deepspeed.runtime import torch_autocast
+
+    try:
+        return build("client", 2, "fp16-autocast", CLIP_FOR_REPORT)
+    finally:
+        torch_autocast.TORCH_AUTOCAST_INITIALIZED = False
+        torch_autocast.TORCH_AUTOCAST_DTYPE = None
+
+
 def error_of(fn, *args, **kwargs) -> str:
     try:
         fn(*args, **kwargs)
@@ -176,6 +192,7 @@ def refused_routes() -> dict[str, str]:
                                  config=ds_config(2, "fp32", clipping=0.0, optimizer={"type": "dist_optim.Adamax"})),
         "raise on zero3": error_of(build, "client", 3, "fp32", None, nonfinite="raise"),
         "raise on zero1": error_of(build, "client", 1, "fp32", None, nonfinite="raise"),
+        "fp16 autocast": error_of(build_autocast_fp16),
     }
 
 
@@ -218,7 +235,7 @@ def run_accelerate(stage: int, precision: str, max_norm: float | None, steps: in
 
     import dist_optim
 
-    if precision == "fp16":
+    if precision.startswith("fp16"):
         allow_cpu_fp16()
     # accelerate registers its config with transformers' HfDeepSpeedConfig (for from_pretrained's
     # ZeRO-3 init) and fails without transformers installed; a plain nn.Module does not need it.

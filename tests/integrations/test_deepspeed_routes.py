@@ -65,6 +65,12 @@ def test_plain_deepspeed_initialize_with_our_optimizer_equals_builtin(world, bui
     assert_same(ours, builtin(stage, precision, max_norm), precision)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_fp16_steps_that_grow_the_loss_scale_clip_as_builtin(world, builtin, stage):
+    ours = world.run(routes.run, "client", stage, "fp16-growing", CLIP)
+    assert_same(ours, builtin(stage, "fp16-growing", CLIP), "fp16")
+
+
 def test_clipping_is_active_in_these_set_ups(builtin):
     clipped = builtin(2, "fp32", CLIP)[0][0]
     unclipped = builtin(2, "fp32", None)[0][0]
@@ -140,6 +146,7 @@ def test_misuse_is_refused_with_what_to_do(world):
     assert "Invalid optimizer type: 'dist_optim.Adamax' (valid: dist_optim.SGD" in errors["unknown type"]
     assert "Invalid nonfinite: 'raise' under ZeRO-3" in errors["raise on zero3"]
     assert "Invalid nonfinite: 'raise' under ZeRO-1/2 with fp32" in errors["raise on zero1"]
+    assert "Invalid torch_autocast: dtype float16 under ZeRO-1/2" in errors["fp16 autocast"]
 
 
 def test_a_sharded_optimizer_without_its_group_refuses_to_clip_per_rank(world):
