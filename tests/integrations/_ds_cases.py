@@ -154,14 +154,12 @@ def run_checkpoint(stage: int, name: str, root: str, steps: int, then: int, resu
 
 
 def reference(name: str, steps: int, world: int, *, groups: bool = False, skip_at: int | None = None,
-              max_grad_norm: float | None = None, **opt_kw):
+              max_grad_norm: float | None = None):
     """One process, our optimizer on the plain model, the whole batch; ``skip_at``: no step there."""
     import dist_optim.deepspeed
 
     net = model()
     opt = dist_optim.deepspeed.build_from_config(spec_of(name, max_grad_norm), decay_groups(net) if groups else net.parameters())
-    for k, v in opt_kw.items():
-        setattr(opt, k, v)
     for step in range(steps):
         x, y = global_batch(step, world)
         loss_fn(net, x, y).backward()
