@@ -130,12 +130,34 @@ def settle_clipping(engine: Any, optimizer: Any) -> None:
 
 def _norm_of_this_step(wrapper: Any, base: Any) -> None:
     """ZeRO-1/2's ``DeepSpeedZeroOptimizer`` sets ``_global_grad_norm`` (over every group, unscaled)
-    before stepping the first group; ours takes it (see the module doc). Refused where DeepSpeed is
-    told not to compute it and ours would have to decide per group."""
+    before stepping the first group; ours takes it (see the module doc). Installed whether or not
+    ours checks grads now: a ``max_grad_norm`` or ``nonfinite`` set after ``deepspeed.initialize``
+    must still see the global norm, never one group's. What cannot be served is refused at
+    initialize when ours checks grads then, else at the first step that does."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-    if not isinstance(wrapper, DeepSpeedZeroOptimizer) or not base._checks_grads():
+    if not isinstance(wrapper, DeepSpeedZeroOptimizer):
         return
+    if base._checks_grads():
+        _refuse_unserved_checks(wrapper, base)
+    scale_at_start = _scale_at_step_start(wrapper)
+
+    def norm():
+        _refuse_unserved_checks(wrapper, base)  # the settings may have changed since initialize
+        return _norm_of_grads_seen(wrapper, scale_at_start)
+
+    base.use_norm_from(norm)
+
+
+def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:
+    """ZeRO-1/2 with ours clipping or skipping: the settings under which DeepSpeed's norm is not the
+    one ours needs, or DeepSpeed decides first."""
+    if base.max_grad_norm is not None and wrapper.clip_grad > 0:
+        raise ValueError(
+            f"Invalid max_grad_norm: {base.max_grad_norm!r} while DeepSpeed clips too (gradient_clipping "
+            f"{wrapper.clip_grad!r}): set max_grad_norm before deepspeed.initialize, which hands clipping to "
+            "ours, or leave clipping to DeepSpeed"
+        )
     if getattr(wrapper, "torch_autocast_gradscaler", None) is not None:
         raise ValueError(
             "Invalid torch_autocast: dtype float16 under ZeRO-1/2 with max_grad_norm or nonfinite='skip' "
@@ -148,16 +170,23 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
             "Invalid nonfinite: 'raise' under ZeRO-1/2 with fp32 or fp16 params, or bf16 with check_grad_overflow "
             "(DeepSpeed skips a step whose norm is not finite on every rank before ours runs); use 'skip'"
         )
-    if not getattr(wrapper, "compute_grad_norm", True):
-        if len(wrapper.bit16_groups) > 1:
-            raise ValueError(
-                f"Invalid zero_optimization.compute_grad_norm: False with {len(wrapper.bit16_groups)} param "
-                "groups (DeepSpeed steps each group on its own, so clipping and the non-finite check need "
-                "DeepSpeed's norm over all of them); leave it on, or set max_grad_norm=None and "
-                "nonfinite='apply'"
-            )
-        return
-    base.use_norm_from(functools.partial(_norm_of_grads_seen, wrapper, _scale_at_step_start(wrapper)))
+    if not getattr(wrapper, "compute_grad_norm", True) and len(wrapper.bit16_groups) > 1:
+        raise ValueError(
+            f"Invalid zero_optimization.compute_grad_norm: False with {len(wrapper.bit16_groups)} param "
+            "groups (DeepSpeed steps each group on its own, so clipping and the non-finite check need "
+            "DeepSpeed's norm over all of them); leave it on, or set max_grad_norm=None and "
+            "nonfinite='apply'"
+        )
+
+
+def _refuse_checks_after_initialize() -> None:
+    """ZeRO-3 steps ours once per sub-group, and clipping and skipping were handed to DeepSpeed at
+    initialize: checks turned on in ours afterwards would decide per sub-group."""
+    raise ValueError(
+        "Invalid max_grad_norm or nonfinite: set on the optimizer after deepspeed.initialize under ZeRO-3 "
+        "(ZeRO-3 steps it once per sub-group, so it cannot see the global norm); set them before "
+        "initialize, which hands them to DeepSpeed, or use DeepSpeed's gradient_clipping"
+    )
 
 
 def _scale_at_step_start(wrapper: Any) -> list[float]:
@@ -218,6 +247,7 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
                 p._dist_optim_core = weakref.ref(base)
     else:
         zero_partition_padding(wrapper)
+        base.use_norm_from(_refuse_checks_after_initialize)
 
 
 def zero_partition_padding(wrapper: Any) -> None:

@@ -114,14 +114,22 @@ def decay_groups(net, weight_decay: float = 0.1) -> list[dict]:
     ]
 
 
-def run_clipping(stage: int, steps: int, max_norm: float, *, groups: bool = False, **cfg):
+def run_clipping(stage: int, steps: int, max_norm: float, *, groups: bool = False, late: bool = False, **cfg):
+    """``late``: the optimizer is built with no checks and gets ``max_grad_norm`` and the default
+    non-finite skip after ``deepspeed.initialize``; a refusal is returned as its message."""
     import dist_optim
     import dist_optim.deepspeed
 
     net = model()
-    opt = dist_optim.AdamW(decay_groups(net) if groups else net.parameters(), lr=0.01, max_grad_norm=max_norm)
+    params = decay_groups(net) if groups else net.parameters()
+    opt = dist_optim.AdamW(params, lr=0.01, **(dict(nonfinite="apply") if late else dict(max_grad_norm=max_norm)))
     engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None, **cfg))
-    train(engine, steps)
+    if late:
+        opt.max_grad_norm, opt.nonfinite = max_norm, "skip"
+    try:
+        train(engine, steps)
+    except ValueError as err:
+        return str(err)
     return full_params(engine), engine.config["gradient_clipping"] if isinstance(engine.config, dict) else None
 
 

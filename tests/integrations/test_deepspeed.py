@@ -54,15 +54,37 @@ def test_max_grad_norm_equals_clip_grad_norm_and_applies_once(world, stage, grou
     if offload and stage == 3:
         cfg["zero_optimization"].update(sub_group_size=8, stage3_param_persistence_threshold=0)
     results = world.run(cases.run_clipping, stage, 4, 0.05, groups=groups, **cfg)
+    assert_equal_reference([r[0] for r in results], clipped_adamw_reference(4, 0.05, groups=groups))
+
+
+def clipped_adamw_reference(steps: int, max_norm: float, *, groups: bool) -> list[torch.Tensor]:
+    """torch.optim.AdamW after clip_grad_norm_ over the whole model, in one process."""
     net = cases.model()
     opt = torch.optim.AdamW(cases.decay_groups(net) if groups else net.parameters(), lr=0.01)
-    for step in range(4):
+    for step in range(steps):
         x, y = cases.global_batch(step, WORLD)
         cases.loss_fn(net, x, y).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 0.05)
+        torch.nn.utils.clip_grad_norm_(net.parameters(), max_norm)
         opt.step()
         opt.zero_grad()
-    assert_equal_reference([r[0] for r in results], [p.detach() for p in net.parameters()])
+    return [p.detach() for p in net.parameters()]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_max_grad_norm_set_after_initialize_still_clips_by_the_global_norm(world, stage):
+    """Clipping turned on after deepspeed.initialize, over two param groups that ZeRO-1/2 steps one
+    at a time: still one global clip coefficient, not one per group."""
+    results = world.run(cases.run_clipping, stage, 4, 0.05, groups=True, late=True)
+    assert_equal_reference([r[0] for r in results], clipped_adamw_reference(4, 0.05, groups=True))
+
+
+@pytest.mark.parametrize("clipping,stage,message", [
+    (0.0, 3, "set on the optimizer after deepspeed.initialize under ZeRO-3"),
+    (1.0, 2, "Invalid max_grad_norm: 0.05 while DeepSpeed clips too (gradient_clipping 1.0)"),
+])
+def test_checks_set_after_initialize_that_cannot_be_served_are_refused(world, clipping, stage, message):
+    for result in world.run(cases.run_clipping, stage, 1, 0.05, groups=True, late=True, clipping=clipping):
+        assert message in result
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
