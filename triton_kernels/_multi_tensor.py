@@ -28,9 +28,10 @@ to the choice past 1024 elements x 4 warps.
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
-from operator import attrgetter
-from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter, is_
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -134,6 +135,23 @@ class TableCache:
         self._clock = 0
         self._pinned: set = set()  # keys a captured CUDA graph reads: never evicted
         self.builds = 0  # tables built so far (tests count them)
+        # Inside ``one_step``: the grads the statistics launch has just checked, as (the list, their
+        # pointers, sizes, dtypes); None outside it, and until that launch.
+        self._checked_grads: tuple | None = None
+        self._in_step = False
+
+    @contextlib.contextmanager
+    def one_step(self) -> Iterator[None]:
+        """The launches of one optimizer step, between which no other code touches the grads: an
+        update launch over the very grad tensors that the step's statistics launch checked (the same
+        objects, in order) takes their pointers and checks from it instead of reading them again.
+        Only within the block: between steps a grad may be given new storage (``.data =``, ``set_``)
+        while staying the same object."""
+        self._in_step, self._checked_grads = True, None
+        try:
+            yield
+        finally:
+            self._in_step, self._checked_grads = False, None
 
     def get(self, roles: Sequence[Sequence[torch.Tensor] | None], idx: Sequence[int], device: torch.device,
             elementwise: int | None = None, validate: Callable[[], None] | None = None):
@@ -175,18 +193,33 @@ class TableCache:
         pointer names its device (one virtual address space across host and GPUs)."""
         first, others = roles[0], roles[checked]
         numels = tuple(map(_numel, first))
-        key = ("plan", tuple(None if r is None else tuple(map(_data_ptr, r)) for r in roles), numels)
+        known = self._checked_grads
+        if known is not None and not (len(known[0]) == len(others) and all(map(is_, known[0], others))):
+            known = None
+        ptrs = tuple(None if r is None else known[1] if known is not None and r is others else tuple(map(_data_ptr, r))
+                     for r in roles)
+        key = ("plan", ptrs, numels)
         first_dtypes = list(map(_dtype, first))
-        dtypes = (first_dtypes, first_dtypes if checked == 0 else list(map(_dtype, others)))
+        dtypes = (first_dtypes, first_dtypes if checked == 0 else known[3] if known is not None
+                  else list(map(_dtype, others)))
         hit = self._lookup(key)
         if hit is not None:
             built, cached_dtypes = hit
-            if (cached_dtypes == dtypes and (checked == 0 or tuple(map(_numel, others)) == numels)
-                    and all(map(_is_contiguous, others))):
+            if cached_dtypes == dtypes and (
+                    (known is not None and known[2] == numels)  # checked by this step's statistics launch
+                    or ((checked == 0 or tuple(map(_numel, others)) == numels) and all(map(_is_contiguous, others)))):
+                self._note_checked(others, ptrs[checked], numels, dtypes[1])
                 return built
         built = build()
         self._store(key, (built, dtypes))
+        self._note_checked(others, ptrs[checked], numels, dtypes[1])
         return built
+
+    def _note_checked(self, grads, ptrs, numels, dtypes) -> None:
+        """In ``one_step``: the grads a plan has just checked (contiguous, of the kernels' dtypes,
+        sized like the first role), for the step's next launches over them."""
+        if self._in_step:  # a tuple: the caller's list may change after this
+            self._checked_grads = (tuple(grads), ptrs, numels, dtypes)
 
     def pointers(self, tensors: Sequence[torch.Tensor], device: torch.device,
                  validate: Callable[[], None] | None = None) -> torch.Tensor:

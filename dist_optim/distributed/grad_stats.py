@@ -99,10 +99,13 @@ class GradLayout:
             info = self._mesh_info[mesh] = (mesh_ranks(mesh), tuple(mesh.get_coordinate()))
         return info
 
-    def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any) -> tuple[Any, frozenset[int] | None, frozenset[int]]:
+    def resolve(self, grads: Sequence[torch.Tensor], explicit_group: Any, plain: bool = False
+                ) -> tuple[Any, frozenset[int] | None, frozenset[int]]:
         """(group, its global ranks, the ranks the DTensor grads' meshes span together); the group is
-        None, with no ranks, when the statistics are local."""
-        meshes = list(dict.fromkeys(g.device_mesh for g in grads if is_dtensor(g))) if _any_dtensor(grads) else []
+        None, with no ranks, when the statistics are local. ``plain``: the caller knows no grad is a
+        DTensor (no scan)."""
+        meshes = [] if plain or not _any_dtensor(grads) else list(dict.fromkeys(
+            g.device_mesh for g in grads if is_dtensor(g)))
         span = frozenset().union(*(self._info(m)[0] for m in meshes)) if meshes else frozenset()
         if explicit_group is not None:
             if not active(explicit_group):
@@ -150,14 +153,16 @@ def _any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
 
 
 def global_grad_stats(
-    grads: Sequence[torch.Tensor], process_group: Any, *, backend: str, layout: GradLayout | None = None
+    grads: Sequence[torch.Tensor], process_group: Any, *, backend: str, layout: GradLayout | None = None,
+    plain: bool = False,
 ) -> torch.Tensor:
-    """[sum of squares over every rank's distinct elements, > 0 if any rank saw inf/NaN], fp32."""
+    """[sum of squares over every rank's distinct elements, > 0 if any rank saw inf/NaN], fp32.
+    ``plain``: the caller knows that no grad is a DTensor (a step's host time saves the scans)."""
     layout = layout if layout is not None else GradLayout()
-    group, group_ranks, span = layout.resolve(grads, process_group)
+    group, group_ranks, span = layout.resolve(grads, process_group, plain)
     counted, replicas = [], []
     if group_ranks is None:  # local statistics: every grad counts, no per-grad question to ask
-        counted = local_tensors(grads)
+        counted = list(grads) if plain else local_tensors(grads)
     else:
         for g in grads:
             here = layout.counted_here(g, process_group is not None, group_ranks, span)

@@ -2,7 +2,7 @@
 family. The torch path (foreach ops, fp32 math) is the executable specification and runs on CPU; the
 Triton path (``triton_kernels``) must match it."""
 
-from ._common import compiling, resolve_backend
+from ._common import compiling, one_step, resolve_backend
 from .adagrad import adagrad_step
 from .adam import adam_step
 from .control import step_control
@@ -18,6 +18,7 @@ __all__ = [
     "adam_step",
     "grad_sumsq_and_flag",
     "lookahead_sync",
+    "one_step",
     "radam_rho",
     "radam_step",
     "radam_step_size",

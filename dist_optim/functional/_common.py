@@ -289,6 +289,18 @@ def warming() -> bool:
     return _launch._COMPILING[0] > 0
 
 
+def one_step():
+    """A context around one optimizer step's launches, in which the Triton launchers check the
+    grads once for all of them (``TableCache.one_step``); a no-op context without triton."""
+    try:
+        from triton_kernels import _multi_tensor
+    except ImportError:
+        import contextlib
+
+        return contextlib.nullcontext()
+    return _multi_tensor.TABLES.one_step()
+
+
 def compiling():
     """A context in which the Triton launchers compile what they would launch and run nothing
     (warm-up); a no-op context without triton."""

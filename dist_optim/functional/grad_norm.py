@@ -13,13 +13,13 @@ from ._common import Tensors, fused_kernels
 
 def grad_sumsq_and_flag(grads: Tensors, *, backend: str = "torch") -> torch.Tensor:
     """[sum of squares, 1.0 if any element is inf/NaN (or the sum overflowed) else 0.0], fp32."""
+    kernels = fused_kernels(backend, grads) if grads else None
+    if kernels is not None:  # they pass over empty tensors
+        return kernels.sumsq_nonfinite(grads)
     if not all(map(torch.Tensor.numel, grads)):  # the usual case in one C-level pass
         grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros(2, dtype=torch.float32)
-    kernels = fused_kernels(backend, grads)
-    if kernels is not None:
-        return kernels.sumsq_nonfinite(grads)
     norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     device = grads[0].device
     sumsq = torch.stack([n.to(device) for n in norms]).square().sum()

@@ -35,7 +35,7 @@ import math
 import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from itertools import repeat
+from itertools import chain, repeat
 from operator import attrgetter, is_not, itemgetter, le
 from typing import Any
 
@@ -47,7 +47,7 @@ from .. import _checks
 from ..distributed.collectives import active
 from ..distributed.grad_stats import GradLayout, fsdp1_group, global_grad_stats
 from ..distributed.shard import any_dtensor, is_dtensor, local_tensor, local_tensors, new_state_like
-from ..functional import compiling, grad_sumsq_and_flag, resolve_backend, step_control
+from ..functional import compiling, grad_sumsq_and_flag, one_step, resolve_backend, step_control
 from ..functional.control import CLIP_EPS
 from ..state import quantizes
 from ..state.layout import absmax_key, check_state_dtype, quantize_state, zero_state
@@ -139,6 +139,7 @@ class FusedOptimizer(Optimizer):
         # the host flow, which knows a fresh state from a running one (SGD's first momentum step).
         self._prebuilt: set[int] = set()
         self._planned: dict[int, list] = {}  # a device-flow step's states, per params list (see _device_plan)
+        self._planned_steps: dict[int, list] = {}  # and their step counters
 
     # --- what subclasses define -------------------------------------------------------------
     # Whether the family's state has a "step" counter of its own (SGD's has not).
@@ -358,7 +359,7 @@ class FusedOptimizer(Optimizer):
             if not self._checks_grads():  # no statistics launch validates the grads before counters move
                 self._refuse_unlaunchable(work)
             return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
-        self._planned = {}
+        self._planned, self._planned_steps = {}, {}
         self._refuse_unlaunchable(work)
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = float(grad_scale)
@@ -382,25 +383,27 @@ class FusedOptimizer(Optimizer):
 
     def _device_step(self, work, device: torch.device, grad_scale, counters: Sequence[torch.Tensor]) -> torch.Tensor:
         control = self._control(device)
-        stats = self._grad_stats(work)
-        if stats is not None and self.nonfinite == "raise":  # raising needs the host: one read
-            sumsq, flag = stats.tolist()
-            self._raise_if_nonfinite(flag > 0 or not math.isfinite(sumsq), math.sqrt(sumsq) * float(grad_scale))
-        if stats is not None and stats.device != device:  # e.g. reduced over a gloo group on the CPU
-            stats = stats.to(device)
-        step_control(
-            control[:_NEG_SCALE], stats=stats, grad_scale=grad_scale, max_grad_norm=self.max_grad_norm,
-            skip_nonfinite=self.nonfinite == "skip", counters=counters, backend=self.backend,
-        )
-        self._last_norm = control[_NORM] if stats is not None else None
-        scale, skip = control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1]
-        if any(group.get("maximize") for group, _, _ in work):
-            torch.neg(scale, out=control[_NEG_SCALE:])
         try:
-            for group, params, grads in work:
-                self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale, skip)
+            with one_step():  # the launches below check the grads once
+                stats = self._grad_stats(work)
+                if stats is not None and self.nonfinite == "raise":  # raising needs the host: one read
+                    sumsq, flag = stats.tolist()
+                    self._raise_if_nonfinite(flag > 0 or not math.isfinite(sumsq), math.sqrt(sumsq) * float(grad_scale))
+                if stats is not None and stats.device != device:  # e.g. reduced over a gloo group on the CPU
+                    stats = stats.to(device)
+                step_control(
+                    control[:_NEG_SCALE], stats=stats, grad_scale=grad_scale, max_grad_norm=self.max_grad_norm,
+                    skip_nonfinite=self.nonfinite == "skip", counters=counters, backend=self.backend,
+                )
+                self._last_norm = control[_NORM] if stats is not None else None
+                scale, skip = control[_SCALE:_SCALE + 1], control[_SKIP:_SKIP + 1]
+                if any(group.get("maximize") for group, _, _ in work):
+                    torch.neg(scale, out=control[_NEG_SCALE:])
+                for group, params, grads in work:
+                    self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale,
+                                       skip)
         finally:
-            self._planned = {}
+            self._planned, self._planned_steps = {}, {}
         return control
 
     def _warm_device_flow(self, work, device: torch.device, counters: Sequence[torch.Tensor] = ()) -> None:
@@ -470,8 +473,10 @@ class FusedOptimizer(Optimizer):
     def _flow_device(self, work) -> torch.device | None:
         """The device whose Triton kernels run every update of this step (the device flow), or
         None for the host flow (another backend, or params on several devices)."""
-        stepped = [p for _, params, _ in work for p in params]
-        self._all_plain = not any_dtensor(stepped)
+        stepped = _params_of(work)
+        # The grads too: a plain param may be given a DTensor grad (torch allows the assignment), which
+        # has no storage of its own for a kernel to read.
+        self._all_plain = not any_dtensor(stepped) and not any_dtensor(_grads_of(work))
         if not stepped:
             return None
         local = local_tensor(stepped[0])
@@ -503,7 +508,7 @@ class FusedOptimizer(Optimizer):
         counters, lookup = [], self.state.get
         if self._prebuilt and any(id(p) in self._prebuilt for _, params, _ in work for p in params):
             return None
-        planned = {}
+        planned, planned_steps = {}, {}
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()
@@ -516,14 +521,16 @@ class FusedOptimizer(Optimizer):
             if not all(map(le, repeat(keys), map(dict.keys, states))):
                 return None
             if "step" in keys:
-                counters += map(_step_of, states)
+                steps = list(map(_step_of, states))
+                counters += steps
+                planned_steps[id(params)] = steps
             else:
                 counters += (state["step"] for state in states if "step" in state)
             planned[id(params)] = states
         if keep:
             # The step's updates look the same states up again (``_states_for``): a tensor's hash
             # is a Python call, so the lists are kept for this step (``_device_step`` drops them).
-            self._planned = planned
+            self._planned, self._planned_steps = planned, planned_steps
         return counters
 
     def _prepare_device_state(self, group, params) -> None:
@@ -616,10 +623,11 @@ class FusedOptimizer(Optimizer):
         if norm is not None:
             norm = torch.as_tensor(norm, dtype=torch.float32)
             return torch.stack([norm * norm, (~torch.isfinite(norm) | (norm < 0)).float()])  # < 0: DeepSpeed's mark
-        grads = [g for _, _, gs in work for g in gs]
+        grads = _grads_of(work)
         if self.process_group is None and active():
             self._refuse_unknown_shards(work, grads)
-        return global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout)
+        return global_grad_stats(grads, self.process_group, backend=self.backend, layout=self._grad_layout,
+                                 plain=self._all_plain)
 
     def _raise_if_nonfinite(self, bad: bool, norm) -> None:
         """``nonfinite="raise"``: a step whose statistics (read on the host) are bad raises."""
@@ -699,8 +707,9 @@ class FusedOptimizer(Optimizer):
         states = self._states_for(group, params)
         keys = tuple(keys) + ((KAHAN_KEY,) if mode == "kahan" else ())
         if skip is not None:
+            steps = self._planned_steps.get(id(params))
             yield (self._locals(params), self._locals(grads), self._states_of(states, keys),
-                   list(map(_step_of, states)), self._rounding_kwargs(params, mode))
+                   list(map(_step_of, states)) if steps is None else steps, self._rounding_kwargs(params, mode))
             return
         for t, idx in advance(states).items():
             yield (
@@ -710,6 +719,15 @@ class FusedOptimizer(Optimizer):
                 t,
                 self._rounding_kwargs([params[i] for i in idx], mode),
             )
+
+
+def _params_of(work) -> list[torch.Tensor]:
+    """A step's params over every group, in C-level passes (no per-element Python frame)."""
+    return list(chain.from_iterable(map(itemgetter(1), work)))
+
+
+def _grads_of(work) -> list[torch.Tensor]:
+    return list(chain.from_iterable(map(itemgetter(2), work)))
 
 
 def advance(states: Sequence[dict[str, torch.Tensor]], key: str = "step") -> dict[int, list[int]]:

@@ -315,3 +315,21 @@ def run_ddp_accumulation(micro_steps: int, steps: int, per_rank: int):
                     loss_fn(net, x, y).backward()
             accum.step()
     return [p.detach().clone() for p in net.module.parameters()]
+
+
+def run_dtensor_grad_on_plain_param(backend: str, steps: int = 3):
+    """A plain param given a replicated DTensor grad (torch allows the assignment), beside the same
+    param given the plain grad: (ours, plain)."""
+    from torch.distributed.tensor import Replicate, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(300))
+    q = nn.Parameter(p.detach().clone())
+    opts = [dist_optim.AdamW([t], lr=0.1, max_grad_norm=0.5, backend=backend) for t in (p, q)]
+    for _ in range(steps):
+        g = torch.randn(300)
+        p.grad, q.grad = distribute_tensor(g, mesh, [Replicate()]), g.clone()
+        for opt in opts:
+            opt.step()
+    return p.detach(), q.detach()

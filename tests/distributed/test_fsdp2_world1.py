@@ -28,3 +28,11 @@ def test_lbfgs_world_1(world):
     assert evals == ref_evals and calls == 0  # one rank: nothing to reduce
     for a, b in zip(params, ref_params):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu", "auto"])
+def test_a_replicated_dtensor_grad_on_a_plain_param_steps_as_the_plain_grad(world, backend):
+    """The fused kernels read a DTensor grad's local tensor (a DTensor has no storage of its own: its
+    pointer is null, which a kernel would dereference)."""
+    ((ours, plain),) = world.run(cases.run_dtensor_grad_on_plain_param, backend)
+    torch.testing.assert_close(ours, plain, rtol=0, atol=0)

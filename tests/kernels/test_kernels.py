@@ -371,3 +371,34 @@ def test_a_cached_launch_plan_is_not_reused_for_other_grads_at_the_same_addresse
     else:
         with pytest.raises(ValueError, match="elements"):
             F.sgd_step([p], [buf[: n // 2]], {"momentum_buffer": [m]}, backend="triton", **kw)
+
+
+def test_grads_checked_by_a_steps_statistics_serve_that_step_only_and_those_tensors_only(device, monkeypatch):
+    """Within ``one_step`` an update plan over the very grad tensors the statistics plan checked
+    takes their pointers from it (no second read); a list holding another tensor, or a later step
+    (a grad object may get new storage between steps), reads its own."""
+    from triton_kernels import _multi_tensor
+
+    cache = _multi_tensor.TableCache()
+    params = [torch.randn(n, device=device) for n in (5, 7)]
+    grads = [torch.randn_like(p) for p in params]
+    reads = []
+    real_data_ptr = _multi_tensor._data_ptr
+    monkeypatch.setattr(_multi_tensor, "_data_ptr", lambda t: reads.append(t) or real_data_ptr(t))
+
+    def build(tag):
+        return lambda: [tag]
+
+    with cache.one_step():
+        cache.plan([grads], 0, build("stats"))
+        reads.clear()
+        assert cache.plan([params, list(grads)], 1, build("update")) == ["update"]
+        assert len(reads) == len(params)  # the params' pointers only
+        other = [grads[0], torch.randn_like(params[1])]
+        reads.clear()
+        assert cache.plan([params, other], 1, build("other")) == ["other"]
+        assert len(reads) == 2 * len(params)
+    assert cache.plan([params, other], 1, build("miss")) == ["other"]  # keyed on other's own pointers
+    grads[1].data = torch.randn_like(params[1])  # the same object, new storage
+    with cache.one_step():
+        assert cache.plan([params, grads], 1, build("new storage")) == ["new storage"]
