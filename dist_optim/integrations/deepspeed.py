@@ -133,20 +133,31 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
     before stepping the first group; ours takes it (see the module doc). Installed whether or not
     ours checks grads now: a ``max_grad_norm`` or ``nonfinite`` set after ``deepspeed.initialize``
     must still see the global norm, never one group's. What cannot be served is refused at
-    initialize when ours checks grads then, else at the first step that does."""
+    initialize when ours checks grads then, else as the first step that does starts, before
+    DeepSpeed has touched anything."""
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if not isinstance(wrapper, DeepSpeedZeroOptimizer):
         return
     if base._checks_grads():
         _refuse_unserved_checks(wrapper, base)
-    scale_at_start = _scale_at_step_start(wrapper)
+    clips_since_initialize = base.max_grad_norm is not None  # settle_clipping set DeepSpeed's to 0
+    scale_at_start = [1.0]
+    step = wrapper.step
 
-    def norm():
-        _refuse_unserved_checks(wrapper, base)  # the settings may have changed since initialize
-        return _norm_of_grads_seen(wrapper, scale_at_start)
+    def stepping(*args: Any, **kwargs: Any):
+        # DeepSpeed's load_checkpoint restores gradient_clipping from the checkpoint: one saved by a
+        # run where DeepSpeed clipped would clip a second time (DeepSpeed clips each group before
+        # stepping ours).
+        if clips_since_initialize and base.max_grad_norm is not None and wrapper.clip_grad > 0:
+            wrapper.clip_grad = 0.0
+        if base._checks_grads():
+            _refuse_unserved_checks(wrapper, base)  # the settings may have changed since initialize
+        scale_at_start[0] = float(wrapper.loss_scale)
+        return step(*args, **kwargs)
 
-    base.use_norm_from(norm)
+    wrapper.step = stepping
+    base.use_norm_from(functools.partial(_norm_of_grads_seen, wrapper, scale_at_start))
 
 
 def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:
@@ -179,28 +190,22 @@ def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:
         )
 
 
-def _refuse_checks_after_initialize() -> None:
+def _refuse_checks_after_initialize(wrapper: Any, base: Any) -> None:
     """ZeRO-3 steps ours once per sub-group, and clipping and skipping were handed to DeepSpeed at
-    initialize: checks turned on in ours afterwards would decide per sub-group."""
-    raise ValueError(
-        "Invalid max_grad_norm or nonfinite: set on the optimizer after deepspeed.initialize under ZeRO-3 "
-        "(ZeRO-3 steps it once per sub-group, so it cannot see the global norm); set them before "
-        "initialize, which hands them to DeepSpeed, or use DeepSpeed's gradient_clipping"
-    )
-
-
-def _scale_at_step_start(wrapper: Any) -> list[float]:
-    """A cell holding the wrapper's loss scale as each engine step starts (updated by a wrapping
-    of its ``step``)."""
-    cell = [1.0]
+    initialize: checks turned on in ours afterwards would decide per sub-group. Refused as the
+    engine's step starts."""
     step = wrapper.step
 
     def stepping(*args: Any, **kwargs: Any):
-        cell[0] = float(wrapper.loss_scale)
+        if base._checks_grads():
+            raise ValueError(
+                "Invalid max_grad_norm or nonfinite: set on the optimizer after deepspeed.initialize under ZeRO-3 "
+                "(ZeRO-3 steps it once per sub-group, so it cannot see the global norm); set them before "
+                "initialize, which hands them to DeepSpeed, or use DeepSpeed's gradient_clipping"
+            )
         return step(*args, **kwargs)
 
     wrapper.step = stepping
-    return cell
 
 
 def _norm_of_grads_seen(wrapper: Any, scale_at_start: list[float]):
@@ -247,7 +252,7 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
                 p._dist_optim_core = weakref.ref(base)
     else:
         zero_partition_padding(wrapper)
-        base.use_norm_from(_refuse_checks_after_initialize)
+        _refuse_checks_after_initialize(wrapper, base)
 
 
 def zero_partition_padding(wrapper: Any) -> None:

@@ -354,10 +354,13 @@ class FusedOptimizer(Optimizer):
         work = self._collect_grads()
         device = self._flow_device(work)
         self._check_lr_tensors(work)
-        plan = self._device_plan(work, keep=True) if device is not None and not host else None
+        device_flow = device is not None and not host
+        if device_flow and (not self._checks_grads() or self._norm_source is not None):
+            # no statistics launch validates the grads before the counters move (before the plan
+            # keeps this step's states: a refusal leaves nothing behind)
+            self._refuse_unlaunchable(work)
+        plan = self._device_plan(work, keep=True) if device_flow else None
         if plan is not None:
-            if not self._checks_grads():  # no statistics launch validates the grads before counters move
-                self._refuse_unlaunchable(work)
             return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
         self._planned, self._planned_steps = {}, {}
         self._refuse_unlaunchable(work)

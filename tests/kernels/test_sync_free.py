@@ -260,11 +260,15 @@ def test_an_unusable_tensor_lr_is_refused_before_anything_changes(first):
     assert_identical(before, snapshot(opt, params))
 
 
-@pytest.mark.parametrize("nonfinite", ["skip", "apply"])
+@pytest.mark.parametrize("nonfinite", ["skip", "apply", "runner's norm"])
 @pytest.mark.parametrize("first", [True, False], ids=["host-flow", "device-flow"])
 def test_a_non_contiguous_grad_is_refused_before_anything_changes(first, nonfinite):
+    """Also where a runner hands over the norm (DeepSpeed ZeRO-1/2), so that no statistics launch
+    reads the grads; the refused step leaves none of its plan behind."""
     params = make_params()
-    opt = dist_optim.AdamW(params, backend="triton", nonfinite=nonfinite)
+    opt = dist_optim.AdamW(params, backend="triton", nonfinite="skip" if nonfinite == "runner's norm" else nonfinite)
+    if nonfinite == "runner's norm":
+        opt.use_norm_from(lambda: 1.0)
     if not first:
         run(opt, params, 0, 2)
     before = snapshot(opt, params)
@@ -274,3 +278,4 @@ def test_a_non_contiguous_grad_is_refused_before_anything_changes(first, nonfini
     with pytest.raises(ValueError, match="contiguous"):
         opt.step()
     assert_identical(before, snapshot(opt, params))
+    assert not opt._planned and not opt._planned_steps
