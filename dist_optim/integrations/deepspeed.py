@@ -36,6 +36,8 @@ and its set and local forms) see an int8 moment of ours in fp32, its dequantized
 quantized back. Left alone they would read the uint8 codes as the moment.
 A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
 neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
+Where ours clips, a clip value DeepSpeed restores from a checkpoint is set back to 0, and checks
+set on ours after initialize that cannot be served are refused as the engine's step starts.
 L-BFGS is refused: the engine's ``step()`` takes no closure.
 """
 from __future__ import annotations
@@ -141,16 +143,10 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
         return
     if base._checks_grads():
         _refuse_unserved_checks(wrapper, base)
-    clips_since_initialize = base.max_grad_norm is not None  # settle_clipping set DeepSpeed's to 0
     scale_at_start = [1.0]
     step = wrapper.step
 
     def stepping(*args: Any, **kwargs: Any):
-        # DeepSpeed's load_checkpoint restores gradient_clipping from the checkpoint: one saved by a
-        # run where DeepSpeed clipped would clip a second time (DeepSpeed clips each group before
-        # stepping ours).
-        if clips_since_initialize and base.max_grad_norm is not None and wrapper.clip_grad > 0:
-            wrapper.clip_grad = 0.0
         if base._checks_grads():
             _refuse_unserved_checks(wrapper, base)  # the settings may have changed since initialize
         scale_at_start[0] = float(wrapper.loss_scale)
@@ -158,6 +154,22 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
 
     wrapper.step = stepping
     base.use_norm_from(functools.partial(_norm_of_grads_seen, wrapper, scale_at_start))
+
+
+def _keep_clipping_ours(wrapper: Any, base: Any) -> None:
+    """DeepSpeed's precision wrappers (ZeRO-1/2's, bf16 with fp32 accumulation, fused fp16) restore
+    their clip value from a checkpoint in ``engine.load_checkpoint``: one saved by a run where DeepSpeed
+    clipped would clip a second time, before ours. Ours has clipped since initialize (which set
+    DeepSpeed's to 0): set it back to 0 as each engine step starts. Installed last, so that it runs
+    before the other step wrappers look at the clip value."""
+    step = wrapper.step
+
+    def stepping(*args: Any, **kwargs: Any):
+        if base.max_grad_norm is not None and getattr(wrapper, "clip_grad", 0.0) > 0:
+            wrapper.clip_grad = 0.0
+        return step(*args, **kwargs)
+
+    wrapper.step = stepping
 
 
 def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:
@@ -247,6 +259,8 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     if engine.zero_optimization_stage() < 3:
         _report_through(wrapper, base, own=wrapper is optimizer)
         _norm_of_this_step(wrapper, base)
+        if wrapper is not optimizer and base.max_grad_norm is not None:
+            _keep_clipping_ours(wrapper, base)
         if base.state_dtype == "int8":  # for the accessors: ZeRO-1/2 params do not know their optimizer
             for p in engine.module.parameters():
                 p._dist_optim_core = weakref.ref(base)

@@ -463,12 +463,12 @@ class FusedOptimizer(Optimizer):
         for _, params, grads in work:
             if not params or resolve_backend(self.backend, [local_tensor(params[0])]) != "triton":
                 continue
-            grads = local_tensors(grads)
+            grads = self._locals(grads)
             if not all(map(torch.Tensor.is_contiguous, grads)):
                 i = next(i for i, g in enumerate(grads) if not g.is_contiguous())
                 raise ValueError(f"{type(self).__name__}: the Triton kernels need contiguous grads; grad {i} of "
                                  f"this step has shape {tuple(grads[i].shape)} and strides {grads[i].stride()}")
-            dtypes = set(map(_dtype, local_tensors(params))) | set(map(_dtype, grads))
+            dtypes = set(map(_dtype, self._locals(params))) | set(map(_dtype, grads))
             if not dtypes <= _KERNEL_DTYPES:
                 raise ValueError(f"{type(self).__name__}: the Triton kernels take fp32, bf16 and fp16 params and "
                                  f"grads; this step has {sorted(map(str, dtypes - _KERNEL_DTYPES))}")

@@ -233,22 +233,3 @@ def run_atomic_save_crash(root: str):
     extra = dod.load_checkpoint(fresh, str(latest))
     return latest.name, extra["step"], at_two, full_params(fresh)
 
-
-def run_resume_into_our_clipping(stage: int, root: str, steps: int, then: int):
-    """A run where DeepSpeed clips (gradient_clipping 1.0) saves; a run where ours clips (set before
-    initialize) loads it, though DeepSpeed restores its gradient_clipping from the checkpoint.
-    Returns the final params and DeepSpeed's clip value then."""
-    import dist_optim
-    import dist_optim.deepspeed
-
-    net = model()
-    engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=dist_optim.AdamW(net.parameters(), lr=0.01),
-                                                 config=ds_config(stage, None, clipping=1.0))
-    train(engine, steps)
-    engine.save_checkpoint(root, tag="ckpt")
-    net = model(seed=7)
-    opt = dist_optim.AdamW(net.parameters(), lr=0.01, max_grad_norm=0.05)
-    engine, *_ = dist_optim.deepspeed.initialize(model=net, optimizer=opt, config=ds_config(stage, None))
-    engine.load_checkpoint(root, tag="ckpt")
-    train(engine, then, start=steps)
-    return full_params(engine), engine.optimizer.clip_grad

@@ -147,6 +147,25 @@ def run_checkpoint(route: str, stage: int, root: str, resume: bool):
     return master_weights(engine)
 
 
+def run_resume_into_our_clipping(stage: int, precision: str, root: str):
+    """A run where DeepSpeed clips (gradient_clipping 1.0) saves after 2 steps; a run where ours
+    clips loads it (DeepSpeed restores its clip value from the checkpoint) and takes 2 more, as
+    loaded and with that value removed by hand: (master weights as loaded, with it removed, the
+    wrapper's clip value after the steps)."""
+    engine = build("client", stage, precision, None, ds_clip=1.0)
+    train(engine, 2)
+    engine.save_checkpoint(root, tag="ckpt")
+    out = []
+    for remove in (False, True):
+        engine = build("client", stage, precision, CLIP_FOR_REPORT, seed=7)
+        engine.load_checkpoint(root, tag="ckpt")
+        if remove:
+            engine.optimizer.clip_grad = 0.0
+        train(engine, 2, start=2)
+        out.append(master_weights(engine))
+    return *out, engine.optimizer.clip_grad
+
+
 def ownership(stage: int, precision: str, **kw):
     """(DeepSpeed's gradient_clipping, our max_grad_norm, our nonfinite, DeepSpeed computes its norm,
     the wrapper's class) for our optimizer with max_grad_norm=0.05 handed to plain deepspeed.initialize."""

@@ -135,6 +135,16 @@ def test_clipping_has_one_owner_in_every_set_up(world, stage, precision, kw, exp
     assert world.run(routes.ownership, stage, precision, **kw) == [expected] * WORLD
 
 
+@pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16+fp32acc")])
+def test_resuming_where_deepspeed_clipped_into_our_clipping_clips_once(world, tmp_path, stage, precision):
+    """Each of these wrappers restores its clip value from the checkpoint; where ours clips, the
+    steps after loading equal those with that value removed."""
+    for loaded, removed, clip in world.run(routes.run_resume_into_our_clipping, stage, precision, str(tmp_path)):
+        assert clip == 0.0
+        for a, b in zip(loaded, removed):
+            assert torch.equal(a, b)
+
+
 def test_without_our_clipping_deepspeeds_config_stands(world):
     assert world.run(routes.deepspeed_clipping_without_ours) == [1.0] * WORLD  # DeepSpeed's default
 
