@@ -36,8 +36,9 @@ and its set and local forms) see an int8 moment of ours in fp32, its dequantized
 quantized back. Left alone they would read the uint8 codes as the moment.
 A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
 neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
-Where ours clips, a clip value DeepSpeed restores from a checkpoint is set back to 0, and checks
-set on ours after initialize that cannot be served are refused as the engine's step starts.
+Where ours clips, ``engine.load_checkpoint`` keeps the run's clip value (DeepSpeed restores the
+checkpoint's), and settings that cannot be served (ours and DeepSpeed both clipping, checks set on
+ours after initialize at ZeRO-3) are refused as the engine's step starts.
 L-BFGS is refused: the engine's ``step()`` takes no closure.
 """
 from __future__ import annotations
@@ -156,17 +157,34 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
     base.use_norm_from(functools.partial(_norm_of_grads_seen, wrapper, scale_at_start))
 
 
-def _keep_clipping_ours(wrapper: Any, base: Any) -> None:
-    """DeepSpeed's precision wrappers (ZeRO-1/2's, bf16 with fp32 accumulation, fused fp16) restore
-    their clip value from a checkpoint in ``engine.load_checkpoint``: one saved by a run where DeepSpeed
-    clipped would clip a second time, before ours. Ours has clipped since initialize (which set
-    DeepSpeed's to 0): set it back to 0 as each engine step starts. Installed last, so that it runs
-    before the other step wrappers look at the clip value."""
+def _clip_once(engine: Any, wrapper: Any, base: Any, own: bool) -> None:
+    """ZeRO-0/1/2: ours and DeepSpeed never both clip, whenever either was set.
+    - ``engine.load_checkpoint``: DeepSpeed's precision wrappers (ZeRO-1/2's, bf16 with fp32
+      accumulation) restore their clip value from the checkpoint; where ours clips, the run's own
+      value is kept (a checkpoint saved while DeepSpeed clipped would clip a second time).
+    - Each engine step, before DeepSpeed touches anything, refuses ours clipping while DeepSpeed's
+      clip value (its wrapper's, or the engine's at ZeRO-0 in fp32) is set: ``max_grad_norm`` set
+      on ours after initialize, or a clip value set on the wrapper by hand."""
+    load = engine.load_checkpoint
+
+    def load_checkpoint(*args: Any, **kwargs: Any):
+        before = getattr(wrapper, "clip_grad", None)
+        out = load(*args, **kwargs)
+        if base.max_grad_norm is not None and before is not None:
+            wrapper.clip_grad = before
+        return out
+
+    engine.load_checkpoint = load_checkpoint
     step = wrapper.step
 
     def stepping(*args: Any, **kwargs: Any):
-        if base.max_grad_norm is not None and getattr(wrapper, "clip_grad", 0.0) > 0:
-            wrapper.clip_grad = 0.0
+        clip = engine.gradient_clipping() if own else getattr(wrapper, "clip_grad", 0.0)
+        if base.max_grad_norm is not None and clip:
+            raise ValueError(
+                f"Invalid max_grad_norm: {base.max_grad_norm!r} while DeepSpeed clips too (gradient_clipping "
+                f"{clip!r}): set max_grad_norm before deepspeed.initialize, which hands clipping to ours "
+                "(its gradient_clipping becomes 0), or leave clipping to DeepSpeed"
+            )
         return step(*args, **kwargs)
 
     wrapper.step = stepping
@@ -175,12 +193,6 @@ def _keep_clipping_ours(wrapper: Any, base: Any) -> None:
 def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:
     """ZeRO-1/2 with ours clipping or skipping: the settings under which DeepSpeed's norm is not the
     one ours needs, or DeepSpeed decides first."""
-    if base.max_grad_norm is not None and wrapper.clip_grad > 0:
-        raise ValueError(
-            f"Invalid max_grad_norm: {base.max_grad_norm!r} while DeepSpeed clips too (gradient_clipping "
-            f"{wrapper.clip_grad!r}): set max_grad_norm before deepspeed.initialize, which hands clipping to "
-            "ours, or leave clipping to DeepSpeed"
-        )
     if getattr(wrapper, "torch_autocast_gradscaler", None) is not None:
         raise ValueError(
             "Invalid torch_autocast: dtype float16 under ZeRO-1/2 with max_grad_norm or nonfinite='skip' "
@@ -259,8 +271,7 @@ def bind_to_wrapper(engine: Any, optimizer: Any) -> None:
     if engine.zero_optimization_stage() < 3:
         _report_through(wrapper, base, own=wrapper is optimizer)
         _norm_of_this_step(wrapper, base)
-        if wrapper is not optimizer and base.max_grad_norm is not None:
-            _keep_clipping_ours(wrapper, base)
+        _clip_once(engine, wrapper, base, own=wrapper is optimizer)
         if base.state_dtype == "int8":  # for the accessors: ZeRO-1/2 params do not know their optimizer
             for p in engine.module.parameters():
                 p._dist_optim_core = weakref.ref(base)

@@ -166,6 +166,24 @@ def run_resume_into_our_clipping(stage: int, precision: str, root: str):
     return *out, engine.optimizer.clip_grad
 
 
+def both_clipping_after_initialize(stage: int, precision: str, how: str) -> str:
+    """Ours and DeepSpeed both clipping, set up after initialize: ``late``, our max_grad_norm set on
+    an engine where DeepSpeed clips; ``by hand``, DeepSpeed's clip value set where ours clips. The
+    refusal of the first step, or ""."""
+    import dist_optim
+
+    if how == "late":
+        engine = build("client", stage, precision, None, ds_clip=1.0)
+        dist_optim.optim.fused_core(engine.basic_optimizer).max_grad_norm = CLIP_FOR_REPORT
+    else:
+        engine = build("client", stage, precision, CLIP_FOR_REPORT)
+        if engine.optimizer is engine.basic_optimizer:  # ZeRO-0 in fp32: the engine clips
+            engine._config.gradient_clipping = 0.5
+        else:
+            engine.optimizer.clip_grad = 0.5
+    return error_of(train, engine, 1)
+
+
 def ownership(stage: int, precision: str, **kw):
     """(DeepSpeed's gradient_clipping, our max_grad_norm, our nonfinite, DeepSpeed computes its norm,
     the wrapper's class) for our optimizer with max_grad_norm=0.05 handed to plain deepspeed.initialize."""

@@ -78,13 +78,11 @@ def test_max_grad_norm_set_after_initialize_still_clips_by_the_global_norm(world
     assert_equal_reference([r[0] for r in results], clipped_adamw_reference(4, 0.05, groups=True))
 
 
-@pytest.mark.parametrize("clipping,stage,message", [
-    (0.0, 3, "set on the optimizer after deepspeed.initialize under ZeRO-3"),
-    (1.0, 2, "Invalid max_grad_norm: 0.05 while DeepSpeed clips too (gradient_clipping 1.0)"),
-])
-def test_checks_set_after_initialize_that_cannot_be_served_are_refused(world, clipping, stage, message):
-    for result in world.run(cases.run_clipping, stage, 1, 0.05, groups=True, late=True, clipping=clipping):
-        assert message in result
+def test_checks_set_after_initialize_under_zero3_are_refused(world):
+    """ZeRO-3 steps ours once per sub-group: checks turned on after initialize would decide per
+    sub-group (both clipping after initialize: test_deepspeed_routes)."""
+    for result in world.run(cases.run_clipping, 3, 1, 0.05, groups=True, late=True):
+        assert "set on the optimizer after deepspeed.initialize under ZeRO-3" in result
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])

@@ -145,6 +145,13 @@ def test_resuming_where_deepspeed_clipped_into_our_clipping_clips_once(world, tm
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("how", ["late", "by hand"])
+@pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16+fp32acc"), (2, "fp32")])
+def test_ours_and_deepspeed_both_clipping_after_initialize_is_refused(world, stage, precision, how):
+    for error in world.run(routes.both_clipping_after_initialize, stage, precision, how):
+        assert "while DeepSpeed clips too" in error
+
+
 def test_without_our_clipping_deepspeeds_config_stands(world):
     assert world.run(routes.deepspeed_clipping_without_ours) == [1.0] * WORLD  # DeepSpeed's default
 
