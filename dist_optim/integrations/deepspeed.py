@@ -36,9 +36,9 @@ and its set and local forms) see an int8 moment of ours in fp32, its dequantized
 quantized back. Left alone they would read the uint8 codes as the moment.
 A non-zero ``gradient_clipping`` in the config together with ``max_grad_norm`` is refused; with
 neither, DeepSpeed's configuration stands as written (its ``gradient_clipping`` defaults to 1.0).
-Where ours clips, ``engine.load_checkpoint`` keeps the run's clip value (DeepSpeed restores the
-checkpoint's), and settings that cannot be served (ours and DeepSpeed both clipping, checks set on
-ours after initialize at ZeRO-3) are refused as the engine's step starts.
+``engine.load_checkpoint`` keeps the run's clip value (DeepSpeed restores the checkpoint's), and
+settings that cannot be served (ours and DeepSpeed both clipping, checks set on ours after
+initialize at ZeRO-3) are refused as the engine's step starts.
 L-BFGS is refused: the engine's ``step()`` takes no closure.
 """
 from __future__ import annotations
@@ -158,36 +158,39 @@ def _norm_of_this_step(wrapper: Any, base: Any) -> None:
 
 
 def _clip_once(engine: Any, wrapper: Any, base: Any, own: bool) -> None:
-    """ZeRO-0/1/2: ours and DeepSpeed never both clip, whenever either was set.
+    """ZeRO-0/1/2: ours and DeepSpeed never both clip, however either was set.
     - ``engine.load_checkpoint``: DeepSpeed's precision wrappers (ZeRO-1/2's, bf16 with fp32
-      accumulation) restore their clip value from the checkpoint; where ours clips, the run's own
-      value is kept (a checkpoint saved while DeepSpeed clipped would clip a second time).
-    - Each engine step, before DeepSpeed touches anything, refuses ours clipping while DeepSpeed's
-      clip value (its wrapper's, or the engine's at ZeRO-0 in fp32) is set: ``max_grad_norm`` set
-      on ours after initialize, or a clip value set on the wrapper by hand."""
+      accumulation) restore their clip value from the checkpoint; the run's own value is kept. Who
+      clips is this run's configuration: a checkpoint saved while DeepSpeed clipped would clip a
+      second time where ours clips, and one saved while ours clipped (DeepSpeed's value then 0)
+      would clip nothing where DeepSpeed clips.
+    - Each engine step, before DeepSpeed touches the grads (``_take_model_step``: at ZeRO-0 in fp32
+      the engine clips them itself before stepping ours), refuses ours clipping while DeepSpeed's
+      clip value (its wrapper's, or the engine's at ZeRO-0 in fp32) is on: ``max_grad_norm`` set on
+      ours after initialize, or a clip value set on the wrapper by hand."""
     load = engine.load_checkpoint
 
     def load_checkpoint(*args: Any, **kwargs: Any):
         before = getattr(wrapper, "clip_grad", None)
         out = load(*args, **kwargs)
-        if base.max_grad_norm is not None and before is not None:
+        if before is not None:
             wrapper.clip_grad = before
         return out
 
     engine.load_checkpoint = load_checkpoint
-    step = wrapper.step
+    take_step = engine._take_model_step
 
-    def stepping(*args: Any, **kwargs: Any):
+    def taking_step(*args: Any, **kwargs: Any):
         clip = engine.gradient_clipping() if own else getattr(wrapper, "clip_grad", 0.0)
-        if base.max_grad_norm is not None and clip:
+        if base.max_grad_norm is not None and clip > 0:  # DeepSpeed clips at > 0 only
             raise ValueError(
                 f"Invalid max_grad_norm: {base.max_grad_norm!r} while DeepSpeed clips too (gradient_clipping "
                 f"{clip!r}): set max_grad_norm before deepspeed.initialize, which hands clipping to ours "
                 "(its gradient_clipping becomes 0), or leave clipping to DeepSpeed"
             )
-        return step(*args, **kwargs)
+        return take_step(*args, **kwargs)
 
-    wrapper.step = stepping
+    engine._take_model_step = taking_step
 
 
 def _refuse_unserved_checks(wrapper: Any, base: Any) -> None:

@@ -147,29 +147,31 @@ def run_checkpoint(route: str, stage: int, root: str, resume: bool):
     return master_weights(engine)
 
 
-def run_resume_into_our_clipping(stage: int, precision: str, root: str):
-    """A run where DeepSpeed clips (gradient_clipping 1.0) saves after 2 steps; a run where ours
-    clips loads it (DeepSpeed restores its clip value from the checkpoint) and takes 2 more, as
-    loaded and with that value removed by hand: (master weights as loaded, with it removed, the
-    wrapper's clip value after the steps)."""
-    engine = build("client", stage, precision, None, ds_clip=1.0)
+def run_resume_across_clipping_owners(stage: int, precision: str, root: str, into: str):
+    """A run saves after 2 steps; a run where the other side clips (``into``: "ours", or
+    "deepspeed" with gradient_clipping 1.0) loads it (DeepSpeed restores the saved run's clip value:
+    1.0, or the 0 it had where ours clipped) and takes 2 more, as loaded and with this run's own
+    value put back by hand: (master weights as loaded, put back, the wrapper's clip value after)."""
+    ours = into == "ours"
+    engine = build("client", stage, precision, None if ours else CLIP_FOR_REPORT, ds_clip=1.0 if ours else None)
     train(engine, 2)
     engine.save_checkpoint(root, tag="ckpt")
     out = []
-    for remove in (False, True):
-        engine = build("client", stage, precision, CLIP_FOR_REPORT, seed=7)
+    for put_back in (False, True):
+        engine = build("client", stage, precision, CLIP_FOR_REPORT if ours else None, seed=7,
+                       ds_clip=None if ours else 1.0)
         engine.load_checkpoint(root, tag="ckpt")
-        if remove:
-            engine.optimizer.clip_grad = 0.0
+        if put_back:
+            engine.optimizer.clip_grad = 0.0 if ours else 1.0
         train(engine, 2, start=2)
         out.append(master_weights(engine))
     return *out, engine.optimizer.clip_grad
 
 
-def both_clipping_after_initialize(stage: int, precision: str, how: str) -> str:
+def both_clipping_after_initialize(stage: int, precision: str, how: str) -> tuple[str, bool]:
     """Ours and DeepSpeed both clipping, set up after initialize: ``late``, our max_grad_norm set on
     an engine where DeepSpeed clips; ``by hand``, DeepSpeed's clip value set where ours clips. The
-    refusal of the first step, or ""."""
+    refusal of the first step, or "", and whether the grads the module holds were left as they were."""
     import dist_optim
 
     if how == "late":
@@ -181,7 +183,15 @@ def both_clipping_after_initialize(stage: int, precision: str, how: str) -> str:
             engine._config.gradient_clipping = 0.5
         else:
             engine.optimizer.clip_grad = 0.5
-    return error_of(train, engine, 1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    x, y = global_batch(0, world, 0)
+    dtype = next(engine.module.parameters()).dtype
+    out = engine(rank_slice(x, rank, world).to(dtype)).float()
+    engine.backward(torch.nn.functional.mse_loss(out, rank_slice(y, rank, world)))
+    grads = [p.grad.clone() for p in engine.module.parameters() if p.grad is not None]
+    error = error_of(engine.step)
+    after = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    return error, all(torch.equal(a, b) for a, b in zip(grads, after))
 
 
 def ownership(stage: int, precision: str, **kw):

@@ -135,21 +135,27 @@ def test_clipping_has_one_owner_in_every_set_up(world, stage, precision, kw, exp
     assert world.run(routes.ownership, stage, precision, **kw) == [expected] * WORLD
 
 
+@pytest.mark.parametrize("into", ["ours", "deepspeed"])
 @pytest.mark.parametrize("stage,precision", [(1, "fp32"), (2, "fp32"), (1, "bf16+fp32acc")])
-def test_resuming_where_deepspeed_clipped_into_our_clipping_clips_once(world, tmp_path, stage, precision):
-    """Each of these wrappers restores its clip value from the checkpoint; where ours clips, the
-    steps after loading equal those with that value removed."""
-    for loaded, removed, clip in world.run(routes.run_resume_into_our_clipping, stage, precision, str(tmp_path)):
-        assert clip == 0.0
-        for a, b in zip(loaded, removed):
+def test_resuming_a_run_where_the_other_side_clipped_keeps_this_runs_clipping(world, tmp_path, stage, precision, into):
+    """These wrappers restore their clip value from the checkpoint: into ours clipping, DeepSpeed's
+    1.0 would clip a second time; into DeepSpeed clipping, the 0 saved where ours clipped would
+    clip nothing. The steps after loading equal those with this run's value put back."""
+    results = world.run(routes.run_resume_across_clipping_owners, stage, precision, str(tmp_path), into)
+    for loaded, put_back, clip in results:
+        assert clip == (0.0 if into == "ours" else 1.0)
+        for a, b in zip(loaded, put_back):
             assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("how", ["late", "by hand"])
 @pytest.mark.parametrize("stage,precision", [(0, "fp32"), (0, "bf16"), (1, "bf16+fp32acc"), (2, "fp32")])
 def test_ours_and_deepspeed_both_clipping_after_initialize_is_refused(world, stage, precision, how):
-    for error in world.run(routes.both_clipping_after_initialize, stage, precision, how):
+    """Refused before DeepSpeed touches the grads (at ZeRO-0 in fp32 the engine clips them before
+    stepping ours)."""
+    for error, grads_untouched in world.run(routes.both_clipping_after_initialize, stage, precision, how):
         assert "while DeepSpeed clips too" in error
+        assert grads_untouched
 
 
 def test_without_our_clipping_deepspeeds_config_stands(world):
