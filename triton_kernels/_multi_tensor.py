@@ -135,8 +135,8 @@ class TableCache:
         self._clock = 0
         self._pinned: set = set()  # keys a captured CUDA graph reads: never evicted
         self.builds = 0  # tables built so far (tests count them)
-        # Inside ``one_step``: the grads the statistics launch has just checked, as (the list, their
-        # pointers, sizes, dtypes); None outside it, and until that launch.
+        # Inside ``one_step``: the grads the step's last plan checked, as (the tensors, their
+        # pointers, sizes, dtypes); None outside it, and until the step's first plan.
         self._checked_grads: tuple | None = None
         self._in_step = False
 

@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..functional import grad_sumsq_and_flag
 from .collectives import active, device_for
-from .shard import DTensor, is_dtensor, local_tensor, local_tensors
+from .shard import any_dtensor, is_dtensor, local_tensor, local_tensors
 
 
 def fsdp1_group(param_groups: Sequence[dict]) -> Any:
@@ -104,7 +104,7 @@ class GradLayout:
         """(group, its global ranks, the ranks the DTensor grads' meshes span together); the group is
         None, with no ranks, when the statistics are local. ``plain``: the caller knows no grad is a
         DTensor (no scan)."""
-        meshes = [] if plain or not _any_dtensor(grads) else list(dict.fromkeys(
+        meshes = [] if plain or not any_dtensor(grads) else list(dict.fromkeys(
             g.device_mesh for g in grads if is_dtensor(g)))
         span = frozenset().union(*(self._info(m)[0] for m in meshes)) if meshes else frozenset()
         if explicit_group is not None:
@@ -146,10 +146,6 @@ class GradLayout:
                 return False
         # Translates of a sub-mesh within the span hold copies: count the one with the span's lowest rank.
         return min(span) in ranks if len(ranks) < len(span) else True
-
-
-def _any_dtensor(tensors: Sequence[torch.Tensor]) -> bool:
-    return DTensor is not None and any(map(DTensor.__instancecheck__, tensors))
 
 
 def global_grad_stats(

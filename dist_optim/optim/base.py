@@ -138,8 +138,8 @@ class FusedOptimizer(Optimizer):
         # Params whose state compile_kernels() built and no step has used yet: their first step takes
         # the host flow, which knows a fresh state from a running one (SGD's first momentum step).
         self._prebuilt: set[int] = set()
-        self._planned: dict[int, list] = {}  # a device-flow step's states, per params list (see _device_plan)
-        self._planned_steps: dict[int, list] = {}  # and their step counters
+        # A device-flow step's (states, step counters or None), per params list (see _device_plan).
+        self._planned: dict[int, tuple[list, list | None]] = {}
 
     # --- what subclasses define -------------------------------------------------------------
     # Whether the family's state has a "step" counter of its own (SGD's has not).
@@ -182,8 +182,8 @@ class FusedOptimizer(Optimizer):
 
     # --- torch.optim.Optimizer protocol -------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # Whether no param stepped is a DTensor (then neither are their grads and states, and
-        # taking local tensors is a list copy): unknown until the next step's _flow_device looks.
+        # Whether no param or grad stepped is a DTensor (then neither are their states, and taking
+        # local tensors is a list copy): unknown until the next step's _flow_device looks.
         self._all_plain = False
         super().add_param_group(param_group)
         try:
@@ -355,15 +355,18 @@ class FusedOptimizer(Optimizer):
         device = self._flow_device(work)
         self._check_lr_tensors(work)
         device_flow = device is not None and not host
-        if device_flow and (not self._checks_grads() or self._norm_source is not None):
-            # no statistics launch validates the grads before the counters move (before the plan
-            # keeps this step's states: a refusal leaves nothing behind)
+        # Unlaunchable grads are refused before anything moves. On the device flow the statistics
+        # launch validates them first where there is one; where not, they are refused here, before
+        # the plan keeps this step's states (a refusal leaves nothing behind).
+        refused_first = not device_flow or not self._checks_grads() or self._norm_source is not None
+        if refused_first:
             self._refuse_unlaunchable(work)
         plan = self._device_plan(work, keep=True) if device_flow else None
         if plan is not None:
             return loss, self._device_step(work, device, grad_scale, [*plan, *counters])
-        self._planned, self._planned_steps = {}, {}
-        self._refuse_unlaunchable(work)
+        self._planned = {}
+        if not refused_first:
+            self._refuse_unlaunchable(work)
         if isinstance(grad_scale, torch.Tensor):
             grad_scale = float(grad_scale)
         scale = self._clip_scale(work, grad_scale)
@@ -406,7 +409,7 @@ class FusedOptimizer(Optimizer):
                     self._update_group(group, params, grads, control[_NEG_SCALE:] if group.get("maximize") else scale,
                                        skip)
         finally:
-            self._planned, self._planned_steps = {}, {}
+            self._planned = {}
         return control
 
     def _warm_device_flow(self, work, device: torch.device, counters: Sequence[torch.Tensor] = ()) -> None:
@@ -511,7 +514,7 @@ class FusedOptimizer(Optimizer):
         counters, lookup = [], self.state.get
         if self._prebuilt and any(id(p) in self._prebuilt for _, params, _ in work for p in params):
             return None
-        planned, planned_steps = {}, {}
+        planned = {}
         for group, params, _ in work:
             blocks = self._state_key_blocks(group)
             keys = blocks[-1] if blocks else frozenset()
@@ -523,17 +526,17 @@ class FusedOptimizer(Optimizer):
                 return None
             if not all(map(le, repeat(keys), map(dict.keys, states))):
                 return None
+            steps = None
             if "step" in keys:
                 steps = list(map(_step_of, states))
                 counters += steps
-                planned_steps[id(params)] = steps
             else:
                 counters += (state["step"] for state in states if "step" in state)
-            planned[id(params)] = states
+            planned[id(params)] = (states, steps)
         if keep:
             # The step's updates look the same states up again (``_states_for``): a tensor's hash
             # is a Python call, so the lists are kept for this step (``_device_step`` drops them).
-            self._planned, self._planned_steps = planned, planned_steps
+            self._planned = planned
         return counters
 
     def _prepare_device_state(self, group, params) -> None:
@@ -678,7 +681,7 @@ class FusedOptimizer(Optimizer):
         """The params' states, each one's own key block (the last one) built on first use."""
         planned = self._planned.get(id(params))
         if planned is not None:
-            return planned
+            return planned[0]
         blocks = self._state_key_blocks(group)
         states = list(map(self.state.__getitem__, params))
         if blocks:
@@ -710,7 +713,7 @@ class FusedOptimizer(Optimizer):
         states = self._states_for(group, params)
         keys = tuple(keys) + ((KAHAN_KEY,) if mode == "kahan" else ())
         if skip is not None:
-            steps = self._planned_steps.get(id(params))
+            steps = self._planned.get(id(params), (None, None))[1]
             yield (self._locals(params), self._locals(grads), self._states_of(states, keys),
                    list(map(_step_of, states)) if steps is None else steps, self._rounding_kwargs(params, mode))
             return

@@ -278,4 +278,4 @@ def test_a_non_contiguous_grad_is_refused_before_anything_changes(first, nonfini
     with pytest.raises(ValueError, match="contiguous"):
         opt.step()
     assert_identical(before, snapshot(opt, params))
-    assert not opt._planned and not opt._planned_steps
+    assert not opt._planned
