@@ -1,5 +1,6 @@
 """Fused CPU optimizer kernels: each family's whole step in one pass over memory, multi-threaded
-(``torch.get_num_threads()`` OpenMP threads over fixed 32K-element chunks) and vectorized, over all
+(``torch.get_num_threads()`` OpenMP threads, at most this rank's share of the host's cores where a
+launcher started several ranks and set no ``OMP_NUM_THREADS``: ``_threads``; over fixed 32K-element chunks) and vectorized, over all
 tensors of a (param dtype, grad dtype) bucket per call. The launchers have the Triton launchers'
 signatures (``triton_kernels``): tensors and Python scalars in, nothing of optimizers or
 torch.distributed. The kernels are a small C++ library (``kernels.cpp``, no torch headers) built on

@@ -18,6 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ._build import library
+from ._threads import kernel_threads
 
 Tensors = Sequence[torch.Tensor]
 
@@ -263,7 +264,7 @@ def _launch(family: int, params: Tensors, grads: Tensors | None, states: Sequenc
     fl = (ctypes.c_int * max(1, len(flags)))(*[int(f) for f in flags])
     mode, streams, comps = rounding
     maps = code_tables() if any(r is not None and r.quantized for r in states) else None
-    nthreads = max(1, torch.get_num_threads())
+    nthreads = kernel_threads()
     for ts in ([grads] if grads is not None else []) + [r.tensors for r in states if r is not None] + \
             [r.absmax for r in states if r is not None and r.absmax is not None]:
         if len(ts) != len(params):
@@ -388,7 +389,7 @@ def sumsq_nonfinite(grads: Tensors) -> torch.Tensor:
     Partial sums per fixed chunk in fp64, added in chunk order: the same bits at any thread count."""
     lib = library()
     total, bad = ctypes.c_double(0.0), ctypes.c_int(0)
-    nthreads = max(1, torch.get_num_threads())
+    nthreads = kernel_threads()
     fix = _Contiguous()
     gs = fix.role(grads, False)
     ptrs = tuple(map(_T.data_ptr, gs))

@@ -283,6 +283,58 @@ def test_threads_follow_torch_and_do_not_change_results():
     assert torch.equal(one, many)
 
 
+THREAD_CASES = [
+    # (environment, torch's threads, cores in the affinity, threads the kernels run)
+    ({}, 16, 16, 16),  # one rank on the host: torch's count
+    ({"LOCAL_SIZE": "4"}, 16, 16, 4),  # DeepSpeed's launcher, no binding: each rank its quarter
+    ({"LOCAL_WORLD_SIZE": "8"}, 64, 32, 4),  # the share of the affinity, not of torch's count
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 4, 8, 2),
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 16, 4, 1),  # fewer cores than ranks: one thread, never none
+    ({"LOCAL_SIZE": "4"}, 2, 16, 2),  # torch's count below the share stays
+    ({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "8"}, 8, 16, 8),  # a launcher that chose: as torch has it
+    ({"LOCAL_WORLD_SIZE": "2(x3)"}, 16, 16, 16),  # unreadable: no cap
+]
+
+
+@pytest.mark.parametrize("env,torch_threads,cores,expected", THREAD_CASES)
+def test_threads_never_exceed_this_ranks_share_of_the_host(monkeypatch, env, torch_threads, cores, expected):
+    from cpu_kernels import _threads
+
+    for name in _threads.LOCAL_RANKS_ENV + ("OMP_NUM_THREADS",):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(_threads.torch, "get_num_threads", lambda: torch_threads)
+    monkeypatch.setattr(_threads, "usable_cores", lambda: cores)
+    assert _threads.kernel_threads() == expected
+
+
+def test_every_kernel_call_runs_the_capped_thread_count(monkeypatch):
+    """The update and the grad statistics both pass kernel_threads() to the library."""
+    from cpu_kernels import _build, launch
+
+    real = _build.library()
+    seen = []
+
+    class Recording:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+
+            def call(*args):
+                seen.append((name, args[-1]))
+                return fn(*args)
+
+            return call
+
+    monkeypatch.setattr(launch, "library", lambda: Recording())
+    monkeypatch.setattr(launch, "kernel_threads", lambda: 1)
+    params = [torch.zeros(100, requires_grad=True)]
+    params[0].grad = torch.ones(100)
+    dist_optim.AdamW(params, lr=0.1, backend="cpu", max_grad_norm=1.0).step()
+    assert {name for name, _ in seen} == {"dist_optim_step", "dist_optim_sumsq"}
+    assert all(threads == 1 for _, threads in seen)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 def test_sumsq_matches_torch(dtype):
     _, grads, _ = make(dtype, [])
