@@ -678,7 +678,10 @@ class FusedOptimizer(Optimizer):
             )
 
     def _states_for(self, group: Mapping[str, Any], params: Sequence[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        """The params' states, each one's own key block (the last one) built on first use."""
+        """The params' states, each one's own key block (the last one) built on first use. A switch
+        turned on after the first step (amsgrad, centered, momentum) adds its state at its initial
+        value and keeps the rest: the step count and the existing moments run on (torch.optim raises a
+        KeyError there; resetting them all would silently restart the bias corrections)."""
         planned = self._planned.get(id(params))
         if planned is not None:
             return planned[0]
@@ -688,7 +691,7 @@ class FusedOptimizer(Optimizer):
             keys = blocks[-1]
             for p, state in zip(params, states):
                 if not keys <= state.keys():
-                    state.update(self._init_state(p, group))
+                    state.update({k: v for k, v in self._init_state(p, group).items() if k not in state})
         if self.bf16_update != "nearest":
             for p, state in zip(params, states):
                 if not self._rounding_keys(p) <= state.keys():

@@ -42,9 +42,9 @@ CASES = {
 CTOR_KWARGS = {"adagrad": dict(initial_accumulator_value=0.1)}
 
 
-def assert_same_run(ours, theirs, p_ours, p_theirs):
+def assert_same_run(ours, theirs, p_ours, p_theirs, tol=TOL):
     for a, b in zip(p_ours, p_theirs):
-        torch.testing.assert_close(a, b, **TOL)
+        torch.testing.assert_close(a, b, **tol)
     for a, b in zip(p_ours, p_theirs):
         if not a.requires_grad:  # torch.optim.Adagrad builds state for frozen params too; we do not
             assert a not in ours.state
@@ -52,7 +52,7 @@ def assert_same_run(ours, theirs, p_ours, p_theirs):
         sa, sb = ours.state.get(a, {}), theirs.state.get(b, {})
         assert set(sa) == set(sb), (sorted(sa), sorted(sb))
         for key in sa:
-            torch.testing.assert_close(sa[key].float(), sb[key].float(), **TOL, msg=f"state {key!r}")
+            torch.testing.assert_close(sa[key].float(), sb[key].float(), **tol, msg=f"state {key!r}")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -88,6 +88,40 @@ def test_clipping_equals_clip_grad_norm(case):
     # ulp apart, which the update carries into params at a few ulps.
     for a, b in zip(p_ours, p_theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+# A switch turned on after some steps, and the state torch.optim would have built for it on the first
+# step (torch.optim itself raises a KeyError for the missing key).
+SWITCHED_ON = {
+    "adam_amsgrad": ("Adam", dict(amsgrad=True), ("max_exp_avg_sq",)),
+    "adamw_amsgrad": ("AdamW", dict(amsgrad=True), ("max_exp_avg_sq",)),
+    "rmsprop_centered": ("RMSprop", dict(centered=True), ("grad_avg",)),
+    "rmsprop_momentum": ("RMSprop", dict(momentum=0.9), ("momentum_buffer",)),
+    "sgd_momentum": ("SGD", dict(momentum=0.9), ()),  # torch's buffer starts from the grad when absent
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("case", sorted(SWITCHED_ON))
+def test_a_switch_turned_on_mid_run_keeps_the_step_and_moments(case, backend):
+    """The existing state runs on and the new state starts at its initial value: equal to torch.optim
+    given that state by hand at the switch (a reset would restart the step count and the moments)."""
+    name, switch, new_keys = SWITCHED_ON[case]
+    p_ours, p_theirs = make_params(), make_params()
+    ours = getattr(dist_optim, name)(p_ours, lr=0.01, backend=backend)
+    theirs = torch_equivalent(name)(p_theirs, lr=0.01, foreach=False)
+    run(ours, p_ours, 0, 5)
+    run(theirs, p_theirs, 0, 5)
+    for opt in (ours, theirs):
+        opt.param_groups[0].update(switch)
+    for p in p_theirs:
+        for key in new_keys:
+            theirs.state[p][key] = torch.zeros_like(p)
+    run(ours, p_ours, 5, 12)
+    run(theirs, p_theirs, 5, 12)
+    # 'auto' is the fused CPU kernels here: correctly rounded sqrt where torch's CPU sqrt is not, an
+    # ulp or two (tests/kernels/test_cpu_backend.py's tolerance)
+    assert_same_run(ours, theirs, p_ours, p_theirs, TOL if backend == "torch" else dict(rtol=2e-6, atol=1e-6))
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam"])
