@@ -60,16 +60,19 @@ class RAdam(FusedOptimizer):
         state_dtype: str = "fp32",
         bf16_update: str = "nearest",
         rounding_seed: int = 0,
-        **extra_defaults: Any,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay,
-            rho_threshold=rho_threshold, maximize=maximize, **extra_defaults,
+            rho_threshold=rho_threshold, maximize=maximize, **self._more_defaults(),
         )
         super().__init__(
             params, defaults, max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
             capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
         )
+
+    def _more_defaults(self) -> dict[str, Any]:
+        """A subclass's own group defaults (Ranger's k and alpha)."""
+        return {}
 
     def _check_group(self, group):
         _checks.non_negative("lr", group["lr"])

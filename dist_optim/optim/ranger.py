@@ -52,12 +52,15 @@ class Ranger(RAdam):
         slow_dtype=None,
     ) -> None:
         self.slow_dtype = _checks.slow_dtype(slow_dtype)
+        self._k_alpha = dict(k=k, alpha=alpha)
         super().__init__(
             params, lr, betas, eps, weight_decay, decoupled_weight_decay, rho_threshold, maximize=maximize,
             max_grad_norm=max_grad_norm, nonfinite=nonfinite, backend=backend, process_group=process_group,
             capturable=capturable, state_dtype=state_dtype, bf16_update=bf16_update, rounding_seed=rounding_seed,
-            k=k, alpha=alpha,
         )
+
+    def _more_defaults(self):
+        return self._k_alpha
 
     def _check_group(self, group):
         super()._check_group(group)

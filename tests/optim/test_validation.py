@@ -63,6 +63,19 @@ def test_bad_param_group_added_later_is_refused_and_not_kept():
     assert len(opt.param_groups) == 1
 
 
+UNKNOWN = [(name, "weight_decy") for name in ("SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Ranger", "LBFGS")]
+UNKNOWN += [(name, "k") for name in ("SGD", "Adam", "RAdam", "LBFGS")]  # Lookahead's, not theirs
+
+
+@pytest.mark.parametrize("name,keyword", UNKNOWN)
+def test_unknown_keyword_is_refused(name, keyword):
+    """A misspelt argument (a ds_config's optimizer params arrive as keywords) is an error, never a
+    group entry nothing reads (RAdam took any keyword, so a ds_config's typo or Lookahead's k and
+    alpha given to RAdam ran as plain RAdam)."""
+    with pytest.raises(TypeError, match=keyword):
+        getattr(dist_optim, name)(_p(), **{keyword: 2})
+
+
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam", "Ranger"])
 def test_sparse_gradient_raises_value_error_and_changes_nothing(name):
     dense, sparse_param = torch.ones(3, requires_grad=True), torch.ones(4, requires_grad=True)
