@@ -21,6 +21,8 @@ from .config import DS_SCHEDULE, MIXED_PRECISION, TrainConfig
 
 # Values TrainConfig would use for a flag the user did not give.
 _DEFAULTS = {f: getattr(TrainConfig, f) for f in ("batch_size", "accum")}
+# DeepSpeed's schedulers whose parameters give the lr itself (WarmupCosineLR scales the optimizer's).
+_ABSOLUTE_LR_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "OneCycle", "LRRangeTest")
 # What the ZeRO stage means as a strategy; stage 0 (no ZeRO) is not one of ours.
 _STAGES = {1: "zero1", 2: "zero2", 3: "zero3"}
 
@@ -49,15 +51,20 @@ def accelerate_values(env: Mapping[str, str], given: dict[str, Any], world: int)
     precision = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
     if precision not in MIXED_PRECISION:
         raise ValueError(f"Invalid mixed_precision: {precision!r} (launch/train.py runs {', '.join(MIXED_PRECISION)})")
-    if given.get("mixed_precision", precision) != precision:
-        raise ValueError(
-            f"Invalid mixed_precision: {given['mixed_precision']!r} (accelerate was launched with "
-            f"mixed_precision {precision!r}; set it in one place)"
-        )
     values["mixed_precision"] = precision
     strategy = strategy_from_launcher(env)
     if strategy.startswith("zero"):
-        return _deepspeed_values(env, values, world)
+        values = _deepspeed_values(env, values, world)
+        precision, source = values["mixed_precision"], "the DeepSpeed config, with accelerate's setting, runs"
+    else:
+        source = "accelerate was launched with"
+    if given.get("mixed_precision", precision) != precision:
+        raise ValueError(
+            f"Invalid mixed_precision: {given['mixed_precision']!r} ({source} mixed_precision {precision!r}; "
+            "set it in one place)"
+        )
+    if strategy.startswith("zero"):
+        return values
     if given.get("strategy", strategy) != strategy:
         raise ValueError(f"Invalid strategy: {given['strategy']!r} (the accelerate config asks for {strategy})")
     values["strategy"] = strategy
@@ -104,7 +111,8 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
                     "set its parameters there)"
                 )
     if "scheduler" in config:
-        for flag in ("schedule", "warmup"):
+        sets_lr = config["scheduler"].get("type") in _ABSOLUTE_LR_SCHEDULERS
+        for flag in ("schedule", "warmup") + (("lr",) if sets_lr and spec is None else ()):
             if flag in values:
                 raise ValueError(
                     f"Invalid {flag}: {values[flag]!r} ({where} has a scheduler section, which sets the lr; "
@@ -112,6 +120,15 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
                 )
         values.update(schedule=DS_SCHEDULE, warmup=0)  # the engine steps the file's scheduler
 
+    total = config.get("train_batch_size")
+    if "train_micro_batch_size_per_gpu" not in config and isinstance(total, int):
+        # DeepSpeed derives the micro-batch from the total, the accumulation and the world
+        accum = config.get("gradient_accumulation_steps", "auto")
+        accum = values.get("accum", _DEFAULTS["accum"]) if accum == "auto" else accum
+        if total % (accum * world):
+            raise ValueError(f"Invalid train_batch_size: {total} in {where} (not a multiple of gradient_accumulation_steps "
+                             f"{accum} x world size {world})")
+        config["train_micro_batch_size_per_gpu"] = total // (accum * world)
     for key, flag in (("train_micro_batch_size_per_gpu", "batch_size"), ("gradient_accumulation_steps", "accum")):
         written = config.get(key, "auto")
         if written == "auto":
@@ -124,14 +141,25 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
     if config.get("train_batch_size") == "auto":
         config["train_batch_size"] = values["batch_size"] * values["accum"] * world
 
-    ours_clip = _spec_param(spec, "max_grad_norm") if spec is not None else values.get("max_grad_norm", 1.0)
     clip = config.get("gradient_clipping")
-    if clip == "auto":
-        # Our optimizer clips (once, globally) when it has max_grad_norm; otherwise accelerate's 1.0.
-        config["gradient_clipping"] = 0.0 if ours_clip else 1.0
-    elif clip not in (None, 0, 0.0) and spec is None and "max_grad_norm" not in values:
-        values["max_grad_norm"] = None  # the file's clipping stands; the flag's default must not clip twice
-    if spec is not None:
+    if spec is None:
+        if clip in (None, "auto"):
+            # The file says nothing: the flag (default 1.0, 0 for none) clips, in the optimizer built
+            # from the flags, and DeepSpeed's own default 1.0 must not clip as well.
+            config["gradient_clipping"] = 0.0
+        else:
+            if "max_grad_norm" in values and (values["max_grad_norm"] or 0.0) != clip:
+                raise ValueError(
+                    f"Invalid max_grad_norm: {values['max_grad_norm'] or 0} ({where} sets gradient_clipping={clip}; "
+                    "change one of them or write \"auto\" there)"
+                )
+            values["max_grad_norm"] = None  # the file's clipping (or none) stands, done by DeepSpeed
+    else:
+        ours_clip = _spec_param(spec, "max_grad_norm")
+        if clip in (None, "auto"):
+            # The named optimizer clips (once, globally) when it has max_grad_norm; otherwise 1.0,
+            # accelerate's and DeepSpeed's default.
+            config["gradient_clipping"] = 0.0 if ours_clip else 1.0
         values["max_grad_norm"] = ours_clip
         values["lr"] = _spec_param(spec, "lr")
 

@@ -61,7 +61,15 @@ def test_without_a_config_file_the_launchers_stage_applies(tmp_path):
         ({}, {"optimizer": "sgd"}, "Invalid optimizer: 'sgd' (the DeepSpeed config"),
         ({}, {"lr": 0.1}, "Invalid lr: 0.1 (the DeepSpeed config"),
         ({}, {"strategy": "zero2"}, "Invalid strategy: 'zero2'"),
-        ({}, {"mixed_precision": "bf16"}, "Invalid mixed_precision: 'bf16' (accelerate was launched with mixed_precision 'no'"),
+        ({}, {"mixed_precision": "bf16"}, "Invalid mixed_precision: 'bf16' (the DeepSpeed config, with accelerate's "
+                                          "setting, runs mixed_precision 'no'"),
+        ({"bf16": {"enabled": True}}, {"mixed_precision": "no"}, "Invalid mixed_precision: 'no' (the DeepSpeed config"),
+        ({"optimizer": None, "gradient_clipping": 0.7}, {"max_grad_norm": 0.5}, "Invalid max_grad_norm: 0.5 (the DeepSpeed "
+                                                                             "config"),
+        ({"optimizer": None, "gradient_clipping": 0.7}, {"max_grad_norm": None}, "Invalid max_grad_norm: 0 (the DeepSpeed"),
+        ({"optimizer": None, "scheduler": {"type": "WarmupLR", "params": {}}}, {"lr": 0.05}, "Invalid lr: 0.05 (the DeepSpeed "
+                                                                                             "config"),
+        ({"train_micro_batch_size_per_gpu": None, "train_batch_size": 9}, {}, "Invalid train_batch_size: 9"),
         ({"zero_optimization": {"stage": 0}}, {}, "Invalid zero_optimization.stage: 0"),
         ({"scheduler": {"type": "WarmupLR", "params": {}}}, {"warmup": 3}, "Invalid warmup: 3 (the DeepSpeed config"),
         ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}, {}, "Invalid scheduler.params.warmup_num_steps: 'auto'"),
@@ -70,8 +78,47 @@ def test_without_a_config_file_the_launchers_stage_applies(tmp_path):
 )
 def test_what_cannot_be_honoured_is_refused_naming_the_setting(tmp_path, change, given, message):
     with pytest.raises(ValueError) as err:
-        accelerate_values(env_for(tmp_path, {**DS, **change}), given, world=2)
+        accelerate_values(env_for(tmp_path, edited(DS, change)), given, world=2)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def edited(ds: dict, change: dict) -> dict:
+    """``ds`` with ``change`` applied; a None value removes the key."""
+    out = {**ds, **change}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+WITHOUT_OPTIMIZER = edited(DS, {"optimizer": None, "zero_optimization": {"stage": 2}})
+
+
+@pytest.mark.parametrize(
+    "clipping,given,ours,deepspeeds",
+    [
+        (None, {}, 1.0, 0.0),  # the file is silent: the flag's default clips, in ours, once
+        (None, {"max_grad_norm": None}, None, 0.0),  # --max-grad-norm 0: nothing clips (DeepSpeed's default 1.0 did)
+        ("auto", {"max_grad_norm": None}, None, 0.0),  # "auto" takes the flag (it was 1.0)
+        ("auto", {"max_grad_norm": 0.5}, 0.5, 0.0),
+        (0.7, {}, None, 0.7),  # the file's clipping stands, done by DeepSpeed
+        (0.7, {"max_grad_norm": 0.7}, None, 0.7),
+        (0.0, {}, None, 0.0),  # the file says no clipping: the flag's default does not clip either
+    ],
+)
+def test_clipping_without_an_optimizer_section_is_what_the_file_and_flag_say(tmp_path, clipping, given, ours, deepspeeds):
+    ds = edited(WITHOUT_OPTIMIZER, {"gradient_clipping": clipping})
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), given, world=2), nproc=2)
+    assert (cfg.max_grad_norm, cfg.ds_config["gradient_clipping"]) == (ours, deepspeeds)
+
+
+def test_train_batch_size_alone_gives_the_micro_batch_as_deepspeed_derives_it(tmp_path):
+    ds = edited(DS, {"train_micro_batch_size_per_gpu": None, "gradient_accumulation_steps": 2, "train_batch_size": 16})
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), {}, world=2), nproc=2)
+    assert (cfg.batch_size, cfg.accum, cfg.ds_config["train_micro_batch_size_per_gpu"]) == (4, 2, 4)
+
+
+def test_lr_flag_stands_beside_a_scheduler_that_scales_it(tmp_path):
+    ds = edited(WITHOUT_OPTIMIZER, {"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 10}}})
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), {"lr": 0.05}, world=2), nproc=2)
+    assert cfg.lr == 0.05 and cfg.schedule == "ds_config"
 
 
 def test_a_ds_config_scheduler_sets_the_lr_instead_of_the_jobs_schedule(tmp_path):
