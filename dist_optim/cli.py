@@ -167,6 +167,8 @@ def _launched_config(args: argparse.Namespace, env: dict[str, str]) -> TrainConf
     else:
         values = dict(given, launcher="external")
         values.setdefault("strategy", strategy_from_launcher(env))
+    if values.get("nproc", world) != world:
+        raise ValueError(f"Invalid nproc: {values['nproc']} (the launcher started {world} ranks; set the count there)")
     values["nproc"] = world
     values.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
     return TrainConfig(**values)

@@ -171,3 +171,18 @@ def test_cpu_flag_dropping_the_configs_deepspeed_or_fsdp_is_refused(config, igno
     cmdline = ["python", "/bin/accelerate", "launch", "--cpu", "--config_file", str(LAUNCH / "accelerate" / config), "train.py"]
     with pytest.raises(ValueError, match=f"accelerate launch --cpu ignores the config's {ignored} settings"):
         accelerate_cpu_processes(env, cmdline)
+
+
+@pytest.mark.parametrize("env", [{"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "2"}],
+                         ids=["accelerate", "torchrun"])
+def test_an_nproc_flag_other_than_the_launchers_count_is_refused(env):
+    import argparse
+
+    from dist_optim.cli import _add_train_args, _launched_config
+
+    parser = argparse.ArgumentParser()
+    _add_train_args(parser, with_optimizer=True)
+    parser.add_argument("--out", default=None)
+    with pytest.raises(ValueError, match=r"Invalid nproc: 4 \(the launcher started 2 ranks"):
+        _launched_config(parser.parse_args(["--nproc", "4"]), env)
+    assert _launched_config(parser.parse_args(["--nproc", "2"]), env).nproc == 2
