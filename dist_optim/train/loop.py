@@ -80,13 +80,18 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> dict:
         if checkpoint is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {ckpt_root}")
         # The schedulers are chainable (each step scales the current lr), so the schedule is replayed
-        # from the fresh lr first; loading then restores the saved lr, which the replay also reached.
+        # from the fresh lr first. Loading restores the saved lr, which is this schedule's only if
+        # the resumed run kept --steps, --lr and the schedule: the replayed lr is put back.
         start = checkpoint_extra(checkpoint)["step"]
         with warnings.catch_warnings():  # replaying the schedule without optimizer steps is the point
             warnings.simplefilter("ignore")
             for _ in range(start):
                 scheduler.step()
+        replayed = [group["lr"] for group in runner.optimizer.param_groups]
         runner.load(str(checkpoint))
+        if not isinstance(scheduler, _EngineSchedules):  # DeepSpeed's scheduler comes back with the engine
+            for group, lr in zip(runner.optimizer.param_groups, replayed):
+                group["lr"] = lr
     rows = _metrics_so_far(metrics_path, start) if rank == 0 else []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

@@ -61,6 +61,20 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, strategy):
         assert (x["loss"], x["lr"], x["grad_norm"]) == (y["loss"], y["lr"], y["grad_norm"])
 
 
+def test_resume_with_more_steps_runs_the_new_schedule_from_the_first_resumed_step(tmp_path):
+    """The lr after resuming with --steps 36 is the 36-step schedule's from the first resumed step
+    (the checkpoint's lr, the 24-step schedule's, ran one step; the linear decay then ran on from it)."""
+    fresh, resumed = tmp_path / "fresh36", tmp_path / "resumed"
+    args = ["--optimizer", "adamw", "--strategy", "single", "--nproc", "1", "--schedule", "linear"]
+    cli("train", *args, "--out", str(fresh), *SMALL, "--steps", "36")
+    cli("train", *args, "--out", str(resumed), *SMALL)
+    shutil.rmtree(resumed / "checkpoint" / "step_00000024")
+    (resumed / "checkpoint" / "latest").write_text("step_00000012")
+    cli("train", "--resume", str(resumed), "--steps", "36")
+    after = {r["step"]: r["lr"] for r in metrics(resumed) if r["step"] > 12}
+    assert after == {r["step"]: r["lr"] for r in metrics(fresh) if r["step"] > 12}
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
