@@ -272,16 +272,20 @@ class LBFGS(Optimizer):
             opt_cond = False
             if line_search is not None:
                 start = self._params_copy()
+                # max|d| of this direction, from the search's own evaluations (the start point was
+                # evaluated along the previous one)
+                latest: list[float] = []
 
                 def evaluate(step_size: float, _d=d, _g_prev=g_prev, _hist=hist, _start=start):
                     self._add_to_params(step_size, _d)
                     e = self._evaluate(closure, _d, step_size, _g_prev, _hist)
                     self._set_params(_start)
+                    latest[:] = [e.d_max]
                     return e.f, e.gd, e
 
                 ev.ys = 0.0  # if the search settles on t = 0 the start point pairs with nothing
-                _, t, ev, ls_evals = strong_wolfe(evaluate, t, ev.f, gtd, ev, lambda: ev.d_max, tolerance_change=tol_change)
-                self._d_max = ev.d_max
+                # As torch: the search's budget is what max_eval leaves, its zoom tolerance the default.
+                _, t, ev, ls_evals = strong_wolfe(evaluate, t, ev.f, gtd, ev, lambda: latest[0], max_ls=max_eval - evals)
                 self._add_to_params(t, d)
                 opt_cond = ev.g_max <= tol_grad
             else:

@@ -84,6 +84,49 @@ def test_equals_torch_lbfgs(problem, kw, line_search_fn, dtype, tol):
     assert opt.state[first]["n_iter"] == ref.state[ref._params[0]]["n_iter"]
 
 
+def rosenbrock(x):
+    return (1 - x[0]) ** 2 + 100 * (x[1] - x[0] ** 2) ** 2
+
+
+@pytest.mark.parametrize(
+    "start,loss_fn,kw",
+    [
+        # the first trial overshoots: the zoom stops on the current direction's max|d| (it read the
+        # previous direction's, 0 on the first iteration, and returned t = 0)
+        ([0.1, -0.2], lambda x: 0.5 * (x * x).sum(), dict(lr=100.0, max_iter=20)),
+        # the search may use only the evaluations max_eval leaves (it always allowed 25)
+        ([-1.5, 2.0], rosenbrock, dict(max_iter=3, max_eval=4)),
+        ([-1.5, 2.0], rosenbrock, dict(max_iter=20, max_eval=8)),
+        # the zoom's tolerance is the default, not the group's tolerance_change
+        ([1.0] * 100, lambda x: 0.5 * (x * x).sum(), dict(lr=300.0, max_iter=5, tolerance_change=10.0)),
+    ],
+    ids=["zoom-first-iteration", "max-eval-4", "max-eval-8", "tolerance-change-10"],
+)
+def test_strong_wolfe_search_equals_torchs(start, loss_fn, kw):
+    ends, calls = [], []
+    for cls in (dist_optim.LBFGS, torch.optim.LBFGS):
+        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        opt = cls([x], line_search_fn="strong_wolfe", **kw)
+        count = [0]
+
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(x)
+            loss.backward()
+            count[0] += 1
+            return loss
+
+        per_step = []
+        for _ in range(4):
+            count[0] = 0
+            opt.step(closure)
+            per_step.append(count[0])
+        ends.append(x.detach().clone())
+        calls.append(per_step)
+    assert calls[0] == calls[1]
+    torch.testing.assert_close(ends[0], ends[1], rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("line_search_fn", [None, "strong_wolfe"])
 @pytest.mark.parametrize("problem", [logistic_problem, quadratic_problem])
 def test_long_runs_reach_torchs_minimum(problem, line_search_fn):
