@@ -38,6 +38,7 @@ an fp32 tensor; ``dist_optim.distributed.checkpoint.load_checkpoint`` converts b
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -220,9 +221,11 @@ def restore(
             raise ValueError(
                 f"state_dict param group {i} has {len(saved['params'])} params, {name}'s has {len(group['params'])}"
             )
-        # Saved hyperparameters win, as in torch; a key the checkpoint lacks (written by an older
-        # version, say) keeps the current value.
-        new_group = {**group, **saved, "params": group["params"]}
+        # Saved hyperparameters win, as in torch, and as copies (a tensor lr stepped by this
+        # optimizer's scheduler must not step the source's); a key the checkpoint lacks (written by
+        # an older version, say) keeps the current value.
+        hyper = copy.deepcopy({k: v for k, v in saved.items() if k != "params"})
+        new_group = {**group, **hyper, "params": group["params"]}
         check_group(new_group)
         new_groups.append(new_group)
         for pid, p in zip(saved["params"], group["params"]):

@@ -43,6 +43,23 @@ def test_loaded_state_is_a_copy_in_fp32(name):
             assert value.numel() == 0 or value.data_ptr() != pstate[key].data_ptr()
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_loaded_hyperparameters_are_copies(name):
+    """A tensor lr from a state_dict is the loader's own, as torch.optim's loading deep-copies the
+    groups: a scheduler stepping the loaded optimizer leaves the source's lr alone."""
+    params = make_params()
+    opt = CONFIGS[name](params, backend="torch")
+    for group in opt.param_groups:
+        group["lr"] = torch.tensor(float(group["lr"]))
+    run(opt, params, 0, 2)
+    opt2 = CONFIGS[name](clone_params(params), backend="torch")
+    opt2.load_state_dict(opt.state_dict())
+    before = [float(g["lr"]) for g in opt.param_groups]
+    for group in opt2.param_groups:
+        group["lr"].mul_(0.5)  # what a scheduler does to a tensor lr
+    assert [float(g["lr"]) for g in opt.param_groups] == before
+
+
 def _trained(name, params=None):
     params = make_params() if params is None else params
     opt = CONFIGS[name](params, backend="torch")
