@@ -20,7 +20,13 @@ def grad_sumsq_and_flag(grads: Tensors, *, backend: str = "torch") -> torch.Tens
         grads = [g for g in grads if g.numel() > 0]
     if not grads:
         return torch.zeros(2, dtype=torch.float32)
-    norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+    wide = [g for g in grads if g.dtype == torch.float64]
+    if wide:  # fp32 norms cannot take fp64 grads (no narrowing): theirs in fp64, then as fp32
+        narrow = [g for g in grads if g.dtype != torch.float64]
+        norms = [n.float() for n in torch._foreach_norm(wide, 2)]
+        norms += list(torch._foreach_norm(narrow, 2, dtype=torch.float32)) if narrow else []
+    else:
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
     device = grads[0].device
     sumsq = torch.stack([n.to(device) for n in norms]).square().sum()
     flag = (~torch.isfinite(sumsq)).to(torch.float32)

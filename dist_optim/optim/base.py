@@ -187,6 +187,10 @@ class FusedOptimizer(Optimizer):
         self._all_plain = False
         super().add_param_group(param_group)
         try:
+            for p in self.param_groups[-1]["params"]:
+                if p.is_complex():  # the kernels and the fp32 state are real: the imaginary part would be lost
+                    raise ValueError(f"Invalid params: a {p.dtype} tensor of shape {tuple(p.shape)} (complex params "
+                                     "are not supported; optimize torch.view_as_real(p) as a real parameter)")
             self._check_group(self.param_groups[-1])
         except ValueError:
             self.param_groups.pop()

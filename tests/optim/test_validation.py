@@ -47,6 +47,11 @@ BAD = [
     (lambda: dist_optim.Adam(_p(), lr=float("nan")), "lr must not be NaN"),
     (lambda: dist_optim.Adam(_p(), lr="0.1"), "lr must be a real number"),
     (lambda: dist_optim.Adam([{"params": _p()}, {"params": _p(), "lr": -1.0}]), "lr: -1.0"),
+    # real kernels and fp32 state: a complex param would lose its imaginary part
+    (lambda: dist_optim.SGD([torch.zeros(2, dtype=torch.complex64, requires_grad=True)]),
+     r"params: a torch.complex64 tensor of shape \(2,\)"),
+    (lambda: dist_optim.Adam(_p()).add_param_group({"params": [torch.zeros(2, dtype=torch.complex128, requires_grad=True)]}),
+     "params: a torch.complex128 tensor"),
 ]
 
 
