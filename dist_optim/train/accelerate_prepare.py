@@ -6,8 +6,10 @@ On a GPU, ``Accelerator()`` turns FSDP2 on from the launcher's settings and its 
 On a CPU, accelerate never turns FSDP on (it runs MULTI_CPU, i.e. DDP), so the FSDP2 case runs
 accelerate's own preparation functions directly: its ``FullyShardedDataParallelPlugin`` read from
 the launcher's environment (wrap policy, resharding, the ``MixedPrecisionPolicy`` it derives from
-``mixed_precision``), ``fsdp2_prepare_model``, and ``fsdp2_switch_optimizer_parameters``, which
-swaps the optimizer's params for the sharded ones exactly as ``Accelerator.prepare`` does.
+``mixed_precision``), ``fsdp2_apply_ac`` where ``fsdp_activation_checkpointing`` asks,
+``fsdp2_prepare_model``, and ``fsdp2_switch_optimizer_parameters``, which swaps the optimizer's
+params for the sharded ones exactly as ``Accelerator.prepare`` does. Its compile step is not run
+here: a ``dynamo_backend`` is refused on this route.
 """
 
 from __future__ import annotations
@@ -45,15 +47,22 @@ def prepare(cfg: TrainConfig, model: torch.nn.Module, device: torch.device, make
 
 
 def _fsdp2_by_hand(accelerator, model: torch.nn.Module, optimizer):
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_model, fsdp2_switch_optimizer_parameters
+    from accelerate.utils import DynamoBackend, FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_apply_ac, fsdp2_prepare_model, fsdp2_switch_optimizer_parameters
 
     plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
     if plugin.fsdp_version != 2:
         raise ValueError("Invalid fsdp_version: 1 (dist-optim trains under FSDP2: set fsdp_version: 2)")
+    backend = accelerator.state.dynamo_plugin.backend
+    if backend != DynamoBackend.NO:
+        raise ValueError(f"Invalid dynamo_backend: {backend.value!r} (FSDP2 on the CPU is prepared outside "
+                         "Accelerator.prepare, which would compile: set it to 'no' for this route)")
     if accelerator.mixed_precision != "no":
         plugin.set_mixed_precision(accelerator.mixed_precision)
     accelerator.state.fsdp_plugin = plugin  # where fsdp2_prepare_model looks for it
+    # As Accelerator._prepare_fsdp2: activation checkpointing before the swap and the sharding.
+    if plugin.activation_checkpointing:
+        model = fsdp2_apply_ac(accelerator, model)
     # As Accelerator._prepare_fsdp2: the optimizer holds placeholders carrying the old params'
     # data_ptr, so the swap can find each param's sharded replacement by it.
     names = {p.data_ptr(): n for n, p in model.named_parameters()}

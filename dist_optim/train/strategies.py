@@ -8,6 +8,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 
 from ..distributed.accumulation import GradientAccumulation
 from ..distributed.checkpoint import load_checkpoint, save_checkpoint
@@ -74,6 +75,7 @@ class TorchRunner:
             optimizer=optimizer_label(self.optimizer),
             final_lr=self.optimizer.param_groups[0]["lr"],
             sharded=any(type(p).__name__ == "DTensor" for p in self.model.parameters()),
+            activation_checkpointing=any(isinstance(m, CheckpointWrapper) for m in self.model.modules()),
             weights_dtype=str(next(self.model.parameters()).dtype),
         )
         if self.mp_policy is not None:

@@ -146,6 +146,28 @@ def test_mixed_precision_bf16_is_honoured(tmp_path, config, recorded):
     assert losses["bf16"] != losses["no"]
 
 
+def with_fsdp_config(tmp_path: Path, **settings) -> Path:
+    acc = yaml.safe_load((LAUNCH / "accelerate" / "fsdp2.yaml").read_text())
+    acc["fsdp_config"].update(settings.pop("fsdp", {}))
+    acc.update(settings)
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(acc))
+    return tmp_path / "fsdp.yaml"
+
+
+def test_fsdp_activation_checkpointing_is_applied(tmp_path):
+    out = tmp_path / "ac"
+    config = with_fsdp_config(tmp_path, fsdp={"fsdp_activation_checkpointing": True})
+    cfg, ran, _ = trained(accelerate_launch(out, "--config_file", str(config)), out)
+    assert (ran["activation_checkpointing"], ran["sharded"]) == (True, True)
+
+
+def test_a_dynamo_backend_on_the_cpu_fsdp2_route_is_refused(tmp_path):
+    out = tmp_path / "dynamo"
+    config = with_fsdp_config(tmp_path, dynamo_config={"dynamo_backend": "EAGER"})
+    proc = accelerate_launch(out, "--config_file", str(config))
+    assert proc.returncode != 0 and "Invalid dynamo_backend: 'EAGER'" in proc.stderr
+
+
 def test_cpu_num_processes_2_trains_as_two_ranks(tmp_path):
     """accelerate's simple launcher starts one process for --cpu; train.py starts the two ranks."""
     out = tmp_path / "cpu2"
