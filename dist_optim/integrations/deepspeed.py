@@ -89,6 +89,10 @@ def build_from_config(spec: Mapping[str, Any], params: Any):
     kwargs = _tuples(dict(spec.get("params", {})))
     if name == "lookahead":
         inner = dict(kwargs.pop("optimizer", {}))
+        unknown = sorted(set(inner) - {"type", "params"})
+        if unknown:
+            raise ValueError(f"Invalid optimizer.params.optimizer key: {unknown[0]!r} (Lookahead's inner optimizer "
+                             "takes \"type\" and \"params\"; its settings go in \"params\")")
         inner_type = str(inner.get("type", ""))
         inner["type"] = inner_type if inner_type.startswith(PREFIX) else PREFIX + inner_type
         return _optim.Lookahead(build_from_config(inner, params), **kwargs)

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from .config import DS_SCHEDULE, MIXED_PRECISION, TrainConfig
+from .config import DEFAULT_LR, DS_SCHEDULE, MIXED_PRECISION, TrainConfig
 
 # Values TrainConfig would use for a flag the user did not give.
 _DEFAULTS = {f: getattr(TrainConfig, f) for f in ("batch_size", "accum")}
@@ -67,6 +67,10 @@ def accelerate_values(env: Mapping[str, str], given: dict[str, Any], world: int)
         return values
     if given.get("strategy", strategy) != strategy:
         raise ValueError(f"Invalid strategy: {given['strategy']!r} (the accelerate config asks for {strategy})")
+    state_dict_type = env.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    if strategy == "fsdp2" and state_dict_type.upper() != "SHARDED_STATE_DICT":
+        raise ValueError(f"Invalid fsdp_state_dict_type: {state_dict_type!r} (launch/train.py checkpoints FSDP2 "
+                         "with torch.distributed.checkpoint, sharded: set SHARDED_STATE_DICT)")
     values["strategy"] = strategy
     return values
 
@@ -102,14 +106,23 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
         raise ValueError(f"Invalid strategy: {values['strategy']!r} ({where} sets ZeRO stage {stage})")
     values["strategy"] = _STAGES[stage]
 
+    if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
+        raise ValueError("Invalid zero3_init_flag: true (launch/train.py builds its model before DeepSpeed, outside "
+                         "deepspeed.zero.Init: set it to false)")
+
     spec = config.get("optimizer")
     if spec is not None:
         for flag in ("optimizer", "lr", "max_grad_norm"):
-            if flag in values:
+            if flag in values and (flag == "optimizer" or _spec_param(spec, flag) != "auto"):
                 raise ValueError(
                     f"Invalid {flag}: {values[flag]!r} ({where} names the optimizer {spec.get('type')!r}; "
-                    "set its parameters there)"
+                    "set its parameters there, or write \"auto\" there)"
                 )
+        # "auto" takes the flag, or the flag's default
+        if _spec_param(spec, "lr") == "auto" and values.get("lr", DEFAULT_LR.get(_spec_name(spec))) is not None:
+            _set_spec_param(spec, "lr", values.get("lr", DEFAULT_LR.get(_spec_name(spec))))
+        if _spec_param(spec, "max_grad_norm") == "auto":
+            _set_spec_param(spec, "max_grad_norm", values.get("max_grad_norm", TrainConfig.max_grad_norm))
     if "scheduler" in config:
         sets_lr = config["scheduler"].get("type") in _ABSOLUTE_LR_SCHEDULERS
         for flag in ("schedule", "warmup") + (("lr",) if sets_lr and spec is None else ()):
@@ -179,6 +192,22 @@ def _spec_param(spec: Mapping[str, Any], name: str) -> Any:
     if name not in params and isinstance(params.get("optimizer"), Mapping):
         return _spec_param(params["optimizer"], name)
     return params.get(name)
+
+
+def _set_spec_param(spec: Mapping[str, Any], name: str, value: Any) -> None:
+    params = spec["params"]
+    if name not in params and isinstance(params.get("optimizer"), Mapping):
+        _set_spec_param(params["optimizer"], name, value)
+    else:
+        params[name] = value
+
+
+def _spec_name(spec: Mapping[str, Any]) -> str:
+    """The (inner, for Lookahead) optimizer's name as DEFAULT_LR spells it: ``dist_optim.AdamW`` -> adamw."""
+    inner = spec.get("params", {}).get("optimizer")
+    if isinstance(inner, Mapping):
+        return _spec_name(inner)
+    return str(spec.get("type", "")).removeprefix("dist_optim.").lower()
 
 
 def _leaves(tree: Mapping[str, Any], prefix: str = ""):

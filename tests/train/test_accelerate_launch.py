@@ -186,3 +186,49 @@ def test_an_nproc_flag_other_than_the_launchers_count_is_refused(env):
     with pytest.raises(ValueError, match=r"Invalid nproc: 4 \(the launcher started 2 ranks"):
         _launched_config(parser.parse_args(["--nproc", "4"]), env)
     assert _launched_config(parser.parse_args(["--nproc", "2"]), env).nproc == 2
+
+
+@pytest.mark.parametrize(
+    "params,given,lr,clip",
+    [
+        ({"lr": "auto", "max_grad_norm": 1.0}, {"lr": 0.02}, 0.02, 1.0),  # the flag fills "auto"
+        ({"lr": "auto", "max_grad_norm": 1.0}, {}, 3e-3, 1.0),  # or its default for AdamW
+        ({"lr": 1e-3, "max_grad_norm": "auto"}, {"max_grad_norm": None}, 1e-3, None),  # --max-grad-norm 0
+        ({"lr": 1e-3, "max_grad_norm": "auto"}, {}, 1e-3, 1.0),
+    ],
+)
+def test_auto_in_the_optimizer_section_takes_the_flag(tmp_path, params, given, lr, clip):
+    ds = edited(DS, {"optimizer": {"type": "dist_optim.AdamW", "params": params}})
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), given, world=2), nproc=2)
+    assert (cfg.lr, cfg.max_grad_norm) == (lr, clip)
+    assert cfg.ds_config["optimizer"]["params"] == {"lr": lr, "max_grad_norm": clip}
+
+
+def test_auto_lr_reaches_lookaheads_inner_optimizer(tmp_path):
+    inner = {"type": "dist_optim.SGD", "params": {"lr": "auto", "momentum": 0.9}}
+    ds = edited(DS, {"optimizer": {"type": "dist_optim.Lookahead", "params": {"optimizer": inner, "k": 5}}})
+    cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), {}, world=2), nproc=2)
+    assert cfg.ds_config["optimizer"]["params"]["optimizer"]["params"]["lr"] == cfg.lr == 0.3  # SGD's default
+
+
+def test_zero3_init_flag_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="Invalid zero3_init_flag: true"):
+        accelerate_values(env_for(tmp_path, DS, ACCELERATE_DEEPSPEED_ZERO3_INIT="true"), {}, world=2)
+
+
+def test_a_full_state_dict_type_is_refused_for_fsdp2():
+    env = {"ACCELERATE_MIXED_PRECISION": "no", "ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "WORLD_SIZE": "2",
+           "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
+    with pytest.raises(ValueError, match="Invalid fsdp_state_dict_type: 'FULL_STATE_DICT'"):
+        accelerate_values(env, {}, world=2)
+    assert accelerate_values({**env, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, {}, world=2)["strategy"] == "fsdp2"
+
+
+def test_lookaheads_inner_spec_refuses_keys_it_would_drop():
+    import torch
+
+    from dist_optim.integrations.deepspeed import build_from_config
+
+    spec = {"type": "dist_optim.Lookahead", "params": {"optimizer": {"type": "SGD", "params": {"lr": 0.1}, "lr": 0.5}}}
+    with pytest.raises(ValueError, match="Invalid optimizer.params.optimizer key: 'lr'"):
+        build_from_config(spec, [torch.nn.Parameter(torch.zeros(2))])
