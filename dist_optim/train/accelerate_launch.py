@@ -68,6 +68,10 @@ def accelerate_values(env: Mapping[str, str], given: dict[str, Any], world: int)
     if given.get("strategy", strategy) != strategy:
         raise ValueError(f"Invalid strategy: {given['strategy']!r} (the accelerate config asks for {strategy})")
     state_dict_type = env.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
+    if state_dict_type.isdigit():  # accelerate also takes StateDictType's number
+        from torch.distributed.fsdp import StateDictType
+
+        state_dict_type = StateDictType(int(state_dict_type)).name
     if strategy == "fsdp2" and state_dict_type.upper() != "SHARDED_STATE_DICT":
         raise ValueError(f"Invalid fsdp_state_dict_type: {state_dict_type!r} (launch/train.py checkpoints FSDP2 "
                          "with torch.distributed.checkpoint, sharded: set SHARDED_STATE_DICT)")
@@ -106,11 +110,15 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
         raise ValueError(f"Invalid strategy: {values['strategy']!r} ({where} sets ZeRO stage {stage})")
     values["strategy"] = _STAGES[stage]
 
-    if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "false").lower() == "true":
+    # Set true in the yaml and kept by the plugin (which turns it off below ZeRO-3, with a warning).
+    if env.get("ACCELERATE_DEEPSPEED_ZERO3_INIT", "").lower() == "true" and plugin.zero3_init_flag:
         raise ValueError("Invalid zero3_init_flag: true (launch/train.py builds its model before DeepSpeed, outside "
                          "deepspeed.zero.Init: set it to false)")
 
     spec = config.get("optimizer")
+    # Whether the lr and the clipping come from the flags (no optimizer section, or "auto" in it).
+    lr_from_flags = spec is None or _spec_param(spec, "lr") == "auto"
+    clip_from_flags = spec is None or _spec_param(spec, "max_grad_norm") == "auto"
     if spec is not None:
         for flag in ("optimizer", "lr", "max_grad_norm"):
             if flag in values and (flag == "optimizer" or _spec_param(spec, flag) != "auto"):
@@ -125,7 +133,7 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
             _set_spec_param(spec, "max_grad_norm", values.get("max_grad_norm", TrainConfig.max_grad_norm))
     if "scheduler" in config:
         sets_lr = config["scheduler"].get("type") in _ABSOLUTE_LR_SCHEDULERS
-        for flag in ("schedule", "warmup") + (("lr",) if sets_lr and spec is None else ()):
+        for flag in ("schedule", "warmup") + (("lr",) if sets_lr and lr_from_flags else ()):
             if flag in values:
                 raise ValueError(
                     f"Invalid {flag}: {values[flag]!r} ({where} has a scheduler section, which sets the lr; "
@@ -170,9 +178,9 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
     else:
         ours_clip = _spec_param(spec, "max_grad_norm")
         if clip in (None, "auto"):
-            # The named optimizer clips (once, globally) when it has max_grad_norm; otherwise 1.0,
-            # accelerate's and DeepSpeed's default.
-            config["gradient_clipping"] = 0.0 if ours_clip else 1.0
+            # The named optimizer clips (once, globally) when it has max_grad_norm, and where the flag
+            # said no clipping nothing does; otherwise 1.0, accelerate's and DeepSpeed's default.
+            config["gradient_clipping"] = 0.0 if ours_clip or clip_from_flags else 1.0
         values["max_grad_norm"] = ours_clip
         values["lr"] = _spec_param(spec, "lr")
 

@@ -202,6 +202,7 @@ def test_auto_in_the_optimizer_section_takes_the_flag(tmp_path, params, given, l
     cfg = TrainConfig(**accelerate_values(env_for(tmp_path, ds), given, world=2), nproc=2)
     assert (cfg.lr, cfg.max_grad_norm) == (lr, clip)
     assert cfg.ds_config["optimizer"]["params"] == {"lr": lr, "max_grad_norm": clip}
+    assert cfg.ds_config["gradient_clipping"] == 0.0  # ours clips, or (--max-grad-norm 0) nothing does
 
 
 def test_auto_lr_reaches_lookaheads_inner_optimizer(tmp_path):
@@ -211,9 +212,21 @@ def test_auto_lr_reaches_lookaheads_inner_optimizer(tmp_path):
     assert cfg.ds_config["optimizer"]["params"]["optimizer"]["params"]["lr"] == cfg.lr == 0.3  # SGD's default
 
 
-def test_zero3_init_flag_is_refused(tmp_path):
+def test_zero3_init_flag_is_refused_at_zero3(tmp_path):
     with pytest.raises(ValueError, match="Invalid zero3_init_flag: true"):
         accelerate_values(env_for(tmp_path, DS, ACCELERATE_DEEPSPEED_ZERO3_INIT="true"), {}, world=2)
+    # below ZeRO-3 accelerate turns it off itself (with a warning), and so the run goes on
+    stage2 = edited(DS, {"zero_optimization": {"stage": 2}})
+    with pytest.warns(UserWarning, match="only applicable for ZeRO Stage 3"):
+        values = accelerate_values(env_for(tmp_path, stage2, ACCELERATE_DEEPSPEED_ZERO3_INIT="true"), {}, world=2)
+    assert values["strategy"] == "zero2"
+
+
+def test_lr_flag_filling_auto_beside_a_scheduler_that_sets_the_lr_is_refused(tmp_path):
+    ds = edited(DS, {"optimizer": {"type": "dist_optim.AdamW", "params": {"lr": "auto"}},
+                     "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 0.001}}})
+    with pytest.raises(ValueError, match="Invalid lr: 0.05 .*scheduler section"):
+        accelerate_values(env_for(tmp_path, ds), {"lr": 0.05}, world=2)
 
 
 def test_a_full_state_dict_type_is_refused_for_fsdp2():
@@ -221,7 +234,8 @@ def test_a_full_state_dict_type_is_refused_for_fsdp2():
            "FSDP_STATE_DICT_TYPE": "FULL_STATE_DICT"}
     with pytest.raises(ValueError, match="Invalid fsdp_state_dict_type: 'FULL_STATE_DICT'"):
         accelerate_values(env, {}, world=2)
-    assert accelerate_values({**env, "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}, {}, world=2)["strategy"] == "fsdp2"
+    for sharded in ("SHARDED_STATE_DICT", "3"):  # accelerate takes StateDictType's number too
+        assert accelerate_values({**env, "FSDP_STATE_DICT_TYPE": sharded}, {}, world=2)["strategy"] == "fsdp2"
 
 
 def test_lookaheads_inner_spec_refuses_keys_it_would_drop():
