@@ -284,29 +284,42 @@ def test_threads_follow_torch_and_do_not_change_results():
 
 
 THREAD_CASES = [
-    # (environment, torch's threads, cores in the affinity, threads the kernels run)
-    ({}, 16, 16, 16),  # one rank on the host: torch's count
-    ({"LOCAL_SIZE": "4"}, 16, 16, 4),  # DeepSpeed's launcher, no binding: each rank its quarter
-    ({"LOCAL_WORLD_SIZE": "8"}, 64, 32, 4),  # the share of the affinity, not of torch's count
-    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 4, 8, 2),
-    ({"SLURM_NTASKS_PER_NODE": "8"}, 16, 4, 1),  # fewer cores than ranks: one thread, never none
-    ({"LOCAL_SIZE": "4"}, 2, 16, 2),  # torch's count below the share stays
-    ({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "8"}, 8, 16, 8),  # a launcher that chose: as torch has it
-    ({"LOCAL_WORLD_SIZE": "2(x3)"}, 16, 16, 16),  # unreadable: no cap
+    # (environment, torch's threads, cores in the affinity, CPUs the ranks divide, threads the kernels run)
+    ({}, 16, 16, 16, 16),  # one rank on the host: torch's count
+    ({"LOCAL_SIZE": "4"}, 16, 16, 16, 4),  # DeepSpeed's launcher, no binding: each rank its quarter
+    ({"LOCAL_WORLD_SIZE": "8"}, 64, 32, 32, 4),  # the share of the affinity, not of torch's count
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 8, 8, 64, 8),  # pinned to 8 cores each: its own 8
+    ({"OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 32, 32, 64, 8),  # bound to a socket of 2: 4 ranks share 32
+    ({"MPI_LOCALNRANKS": "8"}, 4, 4, 2, 1),  # fewer cores than ranks: one thread, never none
+    ({"LOCAL_SIZE": "4"}, 2, 16, 16, 2),  # torch's count below the share stays
+    ({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "8"}, 8, 16, 16, 8),  # a launcher that chose: as torch has it
+    ({"LOCAL_WORLD_SIZE": "2(x3)"}, 16, 16, 16, 16),  # unreadable: no cap
+    ({"SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_LOCALID": "0"}, 16, 16, 16, 4),  # a task srun started
+    ({"SLURM_STEP_TASKS_PER_NODE": "4"}, 16, 16, 16, 16),  # not a task of the step: a lone process
+    ({"SLURM_NTASKS_PER_NODE": "8"}, 16, 16, 16, 16),  # the allocation's, in every shell of the job
 ]
 
 
-@pytest.mark.parametrize("env,torch_threads,cores,expected", THREAD_CASES)
-def test_threads_never_exceed_this_ranks_share_of_the_host(monkeypatch, env, torch_threads, cores, expected):
+@pytest.mark.parametrize("env,torch_threads,cores,host,expected", THREAD_CASES)
+def test_threads_never_exceed_this_ranks_share_of_the_host(monkeypatch, env, torch_threads, cores, host, expected):
     from cpu_kernels import _threads
 
-    for name in _threads.LOCAL_RANKS_ENV + ("OMP_NUM_THREADS",):
+    for name in _threads.LOCAL_RANKS_ENV + ("OMP_NUM_THREADS", "SLURM_STEP_TASKS_PER_NODE", "SLURM_LOCALID",
+                                            "SLURM_NTASKS_PER_NODE"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(_threads.torch, "get_num_threads", lambda: torch_threads)
     monkeypatch.setattr(_threads, "usable_cores", lambda: cores)
+    monkeypatch.setattr(_threads, "host_cpus", lambda: host)
     assert _threads.kernel_threads() == expected
+
+
+def test_cpuset_lists_are_counted():
+    from cpu_kernels._threads import _count_cpus, host_cpus
+
+    assert [_count_cpus(s) for s in ("0", "0-3", "0-3,8,10-11\n")] == [1, 4, 7]
+    assert host_cpus() >= 1
 
 
 def test_every_kernel_call_runs_the_capped_thread_count(monkeypatch):
