@@ -19,8 +19,9 @@ On CPU (``--device cpu``, default 32M params) the table is the CPU-step comparis
 contenders torch.optim foreach and fused, a ``torch.compile``d per-tensor AdamW (step-dependent
 scalars as 0-dim tensors, compiled once per tensor layout), DeepSpeedCPUAdam where its JIT build
 works, dist_optim on the torch path and on the fused CPU kernels (without the check pass, with the
-default non-finite skip, with clipping), and the in-place ``mul_`` bandwidth floor over as many bytes
-as each optimizer moves, all timed in turn within each repeat; plus AdamW with bf16 params (fp32
+default non-finite skip, with clipping), the in-place ``mul_`` bandwidth floor over as many bytes
+as each optimizer moves and that floor plus a separate read of the grads' bytes (the floor of any
+exact check or clip), all timed in turn within each repeat; plus AdamW with bf16 params (fp32
 state). Ratios: to torch fused AdamW (``x fused``), to DeepSpeedCPUAdam (``x DS``) and to the floor.
 With int8 state (``--state-dtypes``, default ``fp32,int8``; issue 12), AdamW with fp32 and with bf16
 params: the fused CPU kernels with int8 state (with and without the skip check) against the same
@@ -281,6 +282,7 @@ def int8_variants(name: str, dtype: torch.dtype):
 SLOW = ("dist_optim[torch] int8",)
 SLOW_REPEATS = 3
 
+TWO_READ_FLOOR = "mul_ floor + grad read"
 INT8_BYTES = 1 + 4 / 256  # a moment's code and its share of the block's fp32 absmax
 
 
@@ -335,6 +337,10 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int, state_dtyp
             except Exception as err:  # noqa: BLE001  (a contender that cannot run here is reported, not fatal)
                 print(f"  skip {name} {label}: {type(err).__name__}: {str(err)[:200]}")
         steps["in-place mul_ floor"] = lambda: floor_buf.mul_(1.0)
+        if state == "fp32":
+            # The floor of an exact check or clip: its statistics read every grad before any update.
+            grad_bytes = torch.randn(torch.finfo(dtype).bits // 8 * numel // 4)
+            steps[TWO_READ_FLOOR] = lambda: (floor_buf.mul_(1.0), grad_bytes.sum())
         slow = {label: steps.pop(label) for label in SLOW if label in steps}
         results = time_interleaved(steps, torch.device("cpu"), repeats)
         for label, step in slow.items():  # after the others, so they are timed on their own
@@ -343,7 +349,8 @@ def run_cpu(numel: int, repeats: int, names: list[str], tensors: int, state_dtyp
         del steps
         floor = results["in-place mul_ floor"]
         for label, secs in results.items():
-            moved = torch.finfo(dtype).bits // 8 if label == "check pass alone" else nbytes  # it reads the grads only
+            grad_width = torch.finfo(dtype).bits // 8
+            moved = {"check pass alone": grad_width, TWO_READ_FLOOR: nbytes + grad_width}.get(label, nbytes)
             row = dict(optimizer=name, dtype=str(dtype).replace("torch.", ""), state=state, impl=label, numel=numel,
                        ms=1e3 * secs, gbs=moved * numel / secs / 1e9, vs_floor=secs / floor,
                        warmup_s=warmup_s.get(label))
@@ -385,7 +392,9 @@ def markdown_cpu(result: dict) -> str:
         "dist_optim[cpu] is the fused CPU backend (what backend='auto' runs on CPU); `skip-check` adds the default "
         "non-finite check (one fused read of the grads), `clip` max_grad_norm=1.0; `check pass alone` is that read "
         "by itself (the grads' sum of squares and non-finite flag; its GB/s counts the grads only), so its `x floor` "
-        "is the check's share of a step at the update's bandwidth. "
+        "is the check's share of a step at the update's bandwidth; `mul_ floor + grad read` adds a separate read of "
+        "the grads' bytes to the floor: the floor of any exact check or clip, whose statistics must read every grad "
+        "before the update may use them (its GB/s counts both). "
         "Where the cores are shared with other work, a kernel that forks and joins threads once per tensor "
         "(torch fused, DeepSpeedCPUAdam) waits on descheduled threads at every join, while ours joins once per step: "
         "compare kernels at one thread, and read full-thread tables on a shared machine as what that machine gave. "
