@@ -67,17 +67,25 @@ def test_equals_torch_optim(case):
     assert_same_run(ours, theirs, p_ours, p_theirs)
 
 
+@pytest.mark.parametrize(
+    "dtype,backend,steps",
+    [(torch.float32, "torch", STEPS),
+     # fp64 params run on the torch path with fp32 state (README): the grad statistics must take
+     # them (the fp32 norm refused fp64 grads, so every default step raised)
+     (torch.float64, "torch", 8), (torch.float64, "auto", 8)],
+    ids=["fp32", "fp64", "fp64-auto"],
+)
 @pytest.mark.parametrize("case", ["sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adamw", "radam"])
-def test_clipping_equals_clip_grad_norm(case):
+def test_clipping_equals_clip_grad_norm(case, dtype, backend, steps):
     """max_grad_norm = torch.nn.utils.clip_grad_norm_ over all groups, then torch.optim's step; large
     gradients so that clipping is active on every step."""
     name, kw_a, kw_b = CASES[case]
-    p_ours, p_theirs = make_params(), make_params()
-    ours = getattr(dist_optim, name)(groups(p_ours, kw_a, kw_b), max_grad_norm=0.5, backend="torch")
+    p_ours, p_theirs = make_params(dtype), make_params(dtype)
+    ours = getattr(dist_optim, name)(groups(p_ours, kw_a, kw_b), max_grad_norm=0.5, backend=backend)
     theirs = torch_equivalent(name)(groups(p_theirs, kw_a, kw_b), foreach=False)
     from tests.optim._setup import set_grads
 
-    for step in range(STEPS):
+    for step in range(steps):
         set_grads(p_ours, step, scale=10.0)
         ours.step()
         set_grads(p_theirs, step, scale=10.0)
@@ -85,8 +93,9 @@ def test_clipping_equals_clip_grad_norm(case):
         theirs.step()
         assert ours.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
     # The clip coefficient is computed from a sum of squares rather than torch's norm of norms: one
-    # ulp apart, which the update carries into params at a few ulps.
+    # ulp apart, which the update carries into params at a few ulps (and fp64 params have fp32 state).
     for a, b in zip(p_ours, p_theirs):
+        assert a.dtype == dtype
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
@@ -122,30 +131,6 @@ def test_a_switch_turned_on_mid_run_keeps_the_step_and_moments(case, backend):
     # 'auto' is the fused CPU kernels here: correctly rounded sqrt where torch's CPU sqrt is not, an
     # ulp or two (tests/kernels/test_cpu_backend.py's tolerance)
     assert_same_run(ours, theirs, p_ours, p_theirs, TOL if backend == "torch" else dict(rtol=2e-6, atol=1e-6))
-
-
-@pytest.mark.parametrize("backend", ["torch", "auto"])
-@pytest.mark.parametrize("case", ["sgd_momentum", "adagrad", "rmsprop_centered_momentum", "adamw", "radam"])
-def test_fp64_params_with_the_default_check_and_clipping(case, backend):
-    """fp64 params run on the torch path with fp32 state (README): the grad statistics take them (the
-    fp32 norm refused fp64 grads, so every default step raised); equal to torch.optim in fp64 +
-    clip_grad_norm_ to fp32 state precision."""
-    name, kw_a, kw_b = CASES[case]
-    p_ours, p_theirs = make_params(torch.float64), make_params(torch.float64)
-    ours = getattr(dist_optim, name)(groups(p_ours, kw_a, kw_b), max_grad_norm=0.5, backend=backend)
-    theirs = torch_equivalent(name)(groups(p_theirs, kw_a, kw_b), foreach=False)
-    from tests.optim._setup import set_grads
-
-    for step in range(8):
-        set_grads(p_ours, step, scale=10.0)
-        ours.step()
-        set_grads(p_theirs, step, scale=10.0)
-        norm = torch.nn.utils.clip_grad_norm_([p for p in p_theirs if p.grad is not None], 0.5)
-        theirs.step()
-        assert ours.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
-    for a, b in zip(p_ours, p_theirs):
-        assert a.dtype == torch.float64
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["SGD", "Adagrad", "RMSprop", "Adam", "AdamW", "RAdam"])
