@@ -120,17 +120,18 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
     lr_from_flags = spec is None or _spec_param(spec, "lr") == "auto"
     clip_from_flags = spec is None or _spec_param(spec, "max_grad_norm") == "auto"
     if spec is not None:
-        for flag in ("optimizer", "lr", "max_grad_norm"):
-            if flag in values and (flag == "optimizer" or _spec_param(spec, flag) != "auto"):
+        for flag, fills_auto in (("optimizer", False), ("lr", lr_from_flags), ("max_grad_norm", clip_from_flags)):
+            if flag in values and not fills_auto:
                 raise ValueError(
                     f"Invalid {flag}: {values[flag]!r} ({where} names the optimizer {spec.get('type')!r}; "
                     "set its parameters there, or write \"auto\" there)"
                 )
-        # "auto" takes the flag, or the flag's default
-        if _spec_param(spec, "lr") == "auto" and values.get("lr", DEFAULT_LR.get(_spec_name(spec))) is not None:
-            _set_spec_param(spec, "lr", values.get("lr", DEFAULT_LR.get(_spec_name(spec))))
-        if _spec_param(spec, "max_grad_norm") == "auto":
-            _set_spec_param(spec, "max_grad_norm", values.get("max_grad_norm", TrainConfig.max_grad_norm))
+        # "auto" takes the flag, or the flag's default (an lr unknown for the type stays "auto": refused below)
+        lr = values.get("lr", DEFAULT_LR.get(_spec_name(spec)))
+        if lr_from_flags and lr is not None:
+            _spec_params(spec, "lr")["lr"] = lr
+        if clip_from_flags:
+            _spec_params(spec, "max_grad_norm")["max_grad_norm"] = values.get("max_grad_norm", TrainConfig.max_grad_norm)
     if "scheduler" in config:
         sets_lr = config["scheduler"].get("type") in _ABSOLUTE_LR_SCHEDULERS
         for flag in ("schedule", "warmup") + (("lr",) if sets_lr and lr_from_flags else ()):
@@ -194,20 +195,17 @@ def _deepspeed_values(env: Mapping[str, str], values: dict[str, Any], world: int
     return values
 
 
-def _spec_param(spec: Mapping[str, Any], name: str) -> Any:
-    """A parameter of a ds_config optimizer entry; Lookahead's live in its inner optimizer."""
+def _spec_params(spec: Mapping[str, Any], name: str) -> dict[str, Any]:
+    """The params of a ds_config optimizer entry that hold ``name``: Lookahead's inner optimizer's
+    for a name Lookahead itself does not take."""
     params = spec.get("params", {})
     if name not in params and isinstance(params.get("optimizer"), Mapping):
-        return _spec_param(params["optimizer"], name)
-    return params.get(name)
+        return _spec_params(params["optimizer"], name)
+    return params
 
 
-def _set_spec_param(spec: Mapping[str, Any], name: str, value: Any) -> None:
-    params = spec["params"]
-    if name not in params and isinstance(params.get("optimizer"), Mapping):
-        _set_spec_param(params["optimizer"], name, value)
-    else:
-        params[name] = value
+def _spec_param(spec: Mapping[str, Any], name: str) -> Any:
+    return _spec_params(spec, name).get(name)
 
 
 def _spec_name(spec: Mapping[str, Any]) -> str:
