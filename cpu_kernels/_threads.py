@@ -12,6 +12,7 @@ the ranks divide are the host's, or a container's cpuset when the process runs i
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -55,6 +56,7 @@ def _count_cpus(ranges: str) -> int:
     return total
 
 
+@functools.cache  # read once: kernel_threads runs at every kernel call
 def host_cpus() -> int:
     """The CPUs this host's ranks divide: a container's cpuset (a cgroup v2 namespace whose root
     is this process's cgroup), else every CPU of the host."""
